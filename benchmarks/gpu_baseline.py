@@ -1,0 +1,90 @@
+"""GPU decode baseline: braid (torch attention path) vs transformers on a random
+Llama-3.1-8B-shaped bf16 model, with the hardware floor measured in the same run.
+
+    python -m benchmarks.gpu_baseline [--model DIR] [--layers 32] [--batches 1,64]
+
+Each row: output tokens/s for `batch` requests of `in` random prompt tokens and `out` generated
+tokens (greedy, ignore_eos); the floor is batch / (time to read the weights once at the measured
+copy bandwidth, or to do the step's matmul FLOPs at the measured bf16 rate, whichever is larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, matmul_tflops, param_bytes, sync
+
+
+def braid_tps(eng, batch: int, n_in: int, n_out: int, vocab: int) -> float:
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(1, vocab, (batch, n_in), generator=g).tolist()
+    params = {"max_new_tokens": n_out, "temperature": 0, "ignore_eos": True}
+    eng.generate(input_ids=prompts, sampling_params={**params, "max_new_tokens": 4})
+    eng.flush_cache()
+    t0 = time.perf_counter()
+    outs = eng.generate(input_ids=prompts, sampling_params=params)
+    dt = time.perf_counter() - t0
+    return sum(o["meta_info"]["completion_tokens"] for o in outs) / dt
+
+
+def hf_tps(model, batch: int, n_in: int, n_out: int, vocab: int) -> float:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1, vocab, (batch, n_in), generator=g).cuda()
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        sync(ids.device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, **kw)
+        sync(ids.device)
+    return batch * n_out / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/llama31-8b-random")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--in-tokens", type=int, default=128)
+    ap.add_argument("--out-tokens", type=int, default=128)
+    ap.add_argument("--skip-transformers", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth_gbs(dev, mbytes=2048)
+    tflops = matmul_tflops(dev, torch.bfloat16, n=8192)
+    if not os.path.exists(os.path.join(a.model, "config.json")):
+        from benchmarks.make_random_llama import write
+
+        write(a.model, a.layers, torch.bfloat16, "cuda", tokenizer_from=os.environ.get("BRAID_TOKENIZER_DIR"))
+    import braid as bd
+
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = {}
+    with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, max_running_requests=max(batches)) as eng:
+        weights = param_bytes(eng.runner.model)
+        vocab = eng.vocab_size
+        for b in batches:
+            rows[b] = [braid_tps(eng, b, a.in_tokens, a.out_tokens, vocab)]
+    torch.cuda.empty_cache()
+    if not a.skip_transformers:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map="cuda").eval()
+        for b in batches:
+            rows[b].append(hf_tps(model, b, a.in_tokens, a.out_tokens, vocab))
+    print(f"GPU {torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s, "
+          f"weights {weights / 1e9:.2f} GB, {a.in_tokens} in / {a.out_tokens} out")
+    print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'floor tok/s':>12} {'braid/floor':>12}")
+    for b, vals in rows.items():
+        step_s = max(weights / (bw * 1e9), 2 * (weights / 2) * b / (tflops * 1e12))
+        floor = b / step_s
+        hf = f"{vals[1]:.1f}" if len(vals) > 1 else "-"
+        print(f"{b:>5} {vals[0]:>12.1f} {hf:>19} {floor:>12.1f} {vals[0] / floor:>12.1%}")
+
+
+if __name__ == "__main__":
+    main()

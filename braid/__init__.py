@@ -1,0 +1,25 @@
+"""braid: a structured-generation programming framework for LLMs, and the runtime it runs on.
+
+Public API only; see shared/API.md. Heavy modules (torch) load on first use of ``Engine``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from braid import errors
+from braid.config import EngineConfig
+
+__version__ = "0.1.0"
+__all__ = ["Engine", "EngineConfig", "errors", "__version__"]
+
+if TYPE_CHECKING:
+    from braid.runtime.engine import Engine
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from braid.runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'braid' has no attribute {name!r}")

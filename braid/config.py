@@ -1,0 +1,86 @@
+"""Frozen configuration, built once at the edge (constructor or CLI) and passed down.
+
+CLI flags are generated from the dataclass fields (``add_cli_args`` / ``from_cli_args``): the field
+name, its default and its one-line ``help`` metadata are the single source for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from braid.errors import InvalidRequestError
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine needs. Derived values are properties; nothing is mutated after build."""
+
+    model_path: str | None = _opt(None, "HF folder or .gguf file; unset = the embedded SmolLM2-135M-Instruct")
+    dtype: str = _opt("auto", "weights/KV dtype: auto | float32 | bfloat16 | float16 (auto = float32 on CPU)")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    attention_backend: str = _opt("auto", "attention backend name; auto = torch")
+    schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")
+    chunked_prefill_size: int = _opt(2048, "max prompt tokens in one extend batch; longer prompts are chunked; -1 = off")
+    max_running_requests: int = _opt(256, "max requests decoding at once")
+    max_total_tokens: int | None = _opt(None, "KV pool size in tokens; unset = 16384 on CPU, from mem_fraction_static on GPU")
+    mem_fraction_static: float = _opt(0.85, "GPU: fraction of free memory (after weights) given to the KV pool")
+    context_len: int | None = _opt(None, "max tokens per request (prompt + output); unset = the model's limit")
+    disable_radix_cache: bool = _opt(False, "turn prefix caching off")
+    cpu_threads: int = _opt(0, "torch intra-op threads; 0 = auto (cores - 1, at least 1, at most 8): see docs")
+    new_token_ratio: float = _opt(0.4, "fraction of a running request's remaining max_new_tokens reserved at admission")
+    random_seed: int = _opt(0, "seed of the shared generator used by requests without their own seed")
+    cache_dir: str | None = _opt(None, "where converted GGUF models are cached; unset = $BRAID_CACHE or ~/.cache/braid")
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("chunked_prefill_size", self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1, "-1 or >= 1"),
+            ("max_running_requests", self.max_running_requests >= 1, ">= 1"),
+            ("max_total_tokens", self.max_total_tokens is None or self.max_total_tokens >= 16, ">= 16 or unset"),
+            ("mem_fraction_static", 0.0 < self.mem_fraction_static < 1.0, "in (0, 1)"),
+            ("context_len", self.context_len is None or self.context_len >= 2, ">= 2 or unset"),
+            ("cpu_threads", self.cpu_threads >= 0, ">= 0"),
+            ("new_token_ratio", 0.0 <= self.new_token_ratio <= 1.0, "in [0, 1]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise InvalidRequestError(name, f"got {getattr(self, name)!r}, allowed: {allowed}")
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or os.environ.get("BRAID_CACHE") or os.path.expanduser("~/.cache/braid")
+
+    @property
+    def resolved_cpu_threads(self) -> int:
+        # On a small CPU box the scheduler thread competes with the caller's thread, the tokenizer and
+        # any other process; torch's default (all cores) measured ~7x slower decode when one core was busy.
+        if self.cpu_threads:
+            return self.cpu_threads
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per dataclass field, with the field's default and help."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata.get("help"))
+            continue
+        base = next((t for t in (int, float, str) if t == hint or str(t.__name__) in str(hint)), str)
+        parser.add_argument(flag, type=base, default=f.default, help=f.metadata.get("help"))
+
+
+def from_cli_args(args: argparse.Namespace, cls: type = EngineConfig) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

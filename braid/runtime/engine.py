@@ -1,0 +1,215 @@
+"""The engine front: validates and tokenizes requests, hands them to the scheduler thread, and
+gathers or streams the results. Public API: see shared/API.md (``generate``, ``async_generate``,
+``shutdown``, context manager)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from braid.config import EngineConfig
+from braid.errors import EngineClosedError, InvalidRequestError, RequestFailedError
+from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown, new_rid
+from braid.runtime.model_runner import ModelRunner
+from braid.runtime.model_source import resolve_model_path
+from braid.runtime.policy import POLICIES
+from braid.runtime.requests_in import GenerateInput, normalize_generate_args
+from braid.runtime.scheduler import Scheduler
+from braid.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("braid.engine")
+
+
+class Engine:
+    """An in-process serving engine. The scheduler runs on its own thread (see docs/architecture.md).
+
+    ``Engine(model_path=None, **config)``: every keyword is a field of :class:`EngineConfig`.
+    """
+
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        try:
+            self.config = EngineConfig(model_path=model_path, **kwargs)
+        except TypeError as exc:
+            known = ", ".join(f for f in EngineConfig.__dataclass_fields__)
+            raise InvalidRequestError("Engine(...)", f"{exc}; known settings: {known}") from None
+        POLICIES.get(self.config.schedule_policy)  # unknown names fail before the model loads
+        folder = resolve_model_path(self.config.model_path, self.config.resolved_cache_dir)
+        self.tokenizer = Tokenizer(folder)
+        self.runner = ModelRunner(self.config, folder)
+        self.model_folder = folder
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._lock = threading.Lock()
+        self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self._deliver)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run_scheduler, name="braid-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- info -------------------------------------------------------------------------------------
+    @property
+    def context_len(self) -> int:
+        return self.scheduler.context_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.info.vocab_size
+
+    # ---- public API ---------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False) -> Any:
+        """Generate for one prompt (returns a dict) or a list (returns a list, in order).
+
+        ``stream=True`` (single prompt, n == 1) returns an iterator of dicts whose ``text`` pieces
+        concatenate to the final text; the last one carries ``meta_info`` with ``finish_reason``.
+        """
+        inp = normalize_generate_args(self, prompt, sampling_params, input_ids, return_logprob,
+                                      top_logprobs_num, logprob_start_len, stream)
+        if stream:
+            return self._stream(inp.items[0])
+        results = self._run_all(inp)
+        return results if inp.is_batch or inp.n > 1 else results[0]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None,
+             **kwargs: Any) -> Any:
+        """``generate`` on conversations rendered with the model's chat template (as vLLM's
+        ``LLM.chat``). ``messages``: one conversation (list of {"role", "content"}) or a list of them.
+        ``generate`` itself sends prompts as they are, like SGLang's engine."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c) for c in convs]
+        return self.generate(prompt=prompts if convs is messages else prompts[0],
+                             sampling_params=sampling_params, **kwargs)
+
+    async def async_generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                             input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                             top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False) -> Any:
+        """As ``generate``, for asyncio callers; ``stream=True`` returns an async iterator."""
+        inp = normalize_generate_args(self, prompt, sampling_params, input_ids, return_logprob,
+                                      top_logprobs_num, logprob_start_len, stream)
+        if stream:
+            return self._astream(inp.items[0])
+        if inp.n > 1:
+            await asyncio.gather(*(self._acollect(m) for m in inp.warmups))
+        results = await asyncio.gather(*(self._acollect(m) for m in inp.items))
+        return list(results) if inp.is_batch or inp.n > 1 else results[0]
+
+    def get_stats(self) -> dict:
+        """Scheduler counters and KV pool state, read on the scheduler thread (consistent)."""
+        q: queue.Queue = queue.Queue()
+        msg = GetStats(new_rid())
+        self._submit(msg, q.put)
+        return q.get().meta_info
+
+    def flush_cache(self) -> None:
+        self._submit(FlushCache())
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.scheduler.inbox.put(Shutdown())
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:  # best effort; shutdown() is the contract
+        if getattr(self, "_thread", None) is not None and not self._closed:
+            self.scheduler.inbox.put(Shutdown())
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+    def _run_scheduler(self) -> None:
+        try:
+            self.scheduler.run_forever()
+        except BaseException:
+            log.exception("scheduler thread died")
+            self._closed = True
+            with self._lock:
+                sinks = list(self._sinks.items())
+            for rid, sink in sinks:
+                sink(RequestOutput(rid, "", [], True, {}, error="engine scheduler thread died"))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            sink = self._sinks.get(out.rid)
+            if out.finished:
+                self._sinks.pop(out.rid, None)
+        if sink is not None:
+            sink(out)
+
+    def _submit(self, msg: Any, sink: Callable[[RequestOutput], None] | None = None) -> None:
+        if self._closed or not self._thread.is_alive():
+            raise EngineClosedError("the engine is shut down")
+        if sink is not None:
+            with self._lock:
+                self._sinks[msg.rid] = sink
+        self.scheduler.inbox.put(msg)
+
+    def _run_all(self, inp: GenerateInput) -> list[dict]:
+        if inp.n > 1:  # prefill each prompt once; the n samples then share its cached KV
+            self._wait_all(inp.warmups)
+        return self._wait_all(inp.items)
+
+    def _wait_all(self, msgs: list[AddRequest]) -> list[dict]:
+        queues = []
+        for msg in msgs:
+            q: queue.Queue = queue.Queue()
+            self._submit(msg, q.put)
+            queues.append(q)
+        return [_final(q.get(), msg) for q, msg in zip(queues, msgs)]
+
+    def _stream(self, msg: AddRequest) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        self._submit(msg, q.put)
+        done = False
+        try:
+            while not done:
+                out = q.get()
+                done = out.finished
+                yield _chunk(out, msg)
+        finally:
+            if not done:  # the caller stopped iterating: free the request's KV
+                self._submit(AbortRequest(msg.rid))
+
+    async def _acollect(self, msg: AddRequest) -> dict:
+        q = self._async_queue(msg)
+        return _final(await q.get(), msg)
+
+    async def _astream(self, msg: AddRequest) -> AsyncIterator[dict]:
+        q = self._async_queue(msg)
+        done = False
+        try:
+            while not done:
+                out = await q.get()
+                done = out.finished
+                yield _chunk(out, msg)
+        finally:
+            if not done:
+                self._submit(AbortRequest(msg.rid))
+
+    def _async_queue(self, msg: AddRequest) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._submit(msg, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
+        return q
+
+    def abort(self, rid: str) -> None:
+        self._submit(AbortRequest(rid))
+
+
+def _final(out: RequestOutput, msg: AddRequest) -> dict:
+    if out.error is not None:
+        closed = "shut down" in out.error or "died" in out.error
+        raise EngineClosedError(out.error) if closed else RequestFailedError(out.error)
+    return {"text": out.delta_text, "output_ids": out.delta_ids, "meta_info": out.meta_info}
+
+
+def _chunk(out: RequestOutput, msg: AddRequest) -> dict:
+    if out.error is not None:
+        _final(out, msg)
+    return {"text": out.delta_text, "output_ids": out.delta_ids, "meta_info": out.meta_info}

@@ -1,0 +1,51 @@
+"""What one model forward needs to know about its batch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prefill of the uncached suffix (maybe one chunk of it), many tokens/request
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    """A batch of requests for one forward pass. Tokens of all requests are packed: ``T`` is
+    the sum of ``extend_lens``; request ``i`` owns rows ``extend_starts[i] : + extend_lens[i]``.
+
+    Tensors live on the model's device; the ``*_cpu`` lists are the same numbers on the host,
+    for code that loops over requests without a device sync.
+    """
+
+    mode: ForwardMode
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, position of each token in its sequence
+    out_slots: torch.Tensor  # (T,) int64, KV slot each new token's K/V is written to
+    req_rows: torch.Tensor  # (B,) int64, row of each request in ReqToTokenPool.table
+    seq_lens: torch.Tensor  # (B,) int64, tokens in KV after this pass (prefix + new)
+    prefix_lens_cpu: list[int]  # tokens already in KV before this pass
+    extend_lens_cpu: list[int]  # new tokens this pass (1 in decode)
+    seq_lens_cpu: list[int]
+    logits_rows: torch.Tensor  # (N,) int64, rows of the packed hidden states to compute logits for
+    req_to_token: torch.Tensor  # ReqToTokenPool.table, (max_requests, max_context_len) int64
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def extend_starts_cpu(self) -> list[int]:
+        starts, acc = [], 0
+        for n in self.extend_lens_cpu:
+            starts.append(acc)
+            acc += n
+        return starts

@@ -1,0 +1,61 @@
+"""Owns the model on its device, the KV pool and the attention backend; runs one forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from braid.config import EngineConfig
+from braid.runtime.forward_batch import ForwardBatch
+from braid.runtime.layers.attention import create_attention_backend
+from braid.runtime.loader import ModelInfo, load_model
+from braid.runtime.memory import KVPool
+
+CPU_DEFAULT_TOTAL_TOKENS = 16384
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_slots: int  # KV pool size in tokens
+    context_len: int  # max tokens per request
+
+
+def plan_memory(config: EngineConfig, info: ModelInfo, device: torch.device) -> MemoryPlan:
+    """KV pool size: a token count on CPU; on GPU a fraction of the memory left after the weights."""
+    per_slot = KVPool.bytes_per_slot(info.num_layers, info.num_kv_heads, info.head_dim, info.dtype)
+    if config.max_total_tokens is not None:
+        num_slots = config.max_total_tokens
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        num_slots = int(free * config.mem_fraction_static) // per_slot
+    else:
+        num_slots = CPU_DEFAULT_TOTAL_TOKENS
+    context_len = min(info.max_context_len, config.context_len or info.max_context_len, num_slots)
+    return MemoryPlan(num_slots=num_slots, context_len=context_len)
+
+
+class ModelRunner:
+    """Loads the weights, allocates the KV pool, and turns a ForwardBatch into float32 logits."""
+
+    def __init__(self, config: EngineConfig, model_folder: str) -> None:
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.resolved_cpu_threads)
+        self.model, self.info = load_model(model_folder, config.dtype, self.device)
+        self.memory = plan_memory(config, self.info, self.device)
+        self.kv = KVPool(self.memory.num_slots, self.info.num_layers, self.info.num_kv_heads,
+                         self.info.head_dim, self.info.dtype, self.device)
+        backend = config.attention_backend
+        self.attn = create_attention_backend("torch" if backend == "auto" else backend)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits ``(len(batch.logits_rows), vocab)`` float32; writes the new tokens' K/V."""
+        return self.model(batch, self.kv, self.attn)

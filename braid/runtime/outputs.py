@@ -1,0 +1,118 @@
+"""Per-token bookkeeping on the scheduler thread: sampling inputs, logprobs, finish checks,
+incremental text, and the RequestOutput messages sent to the front."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from braid.runtime.batch import ExtendPlan
+from braid.runtime.messages import RequestOutput
+from braid.runtime.request import FinishReason, Req
+from braid.runtime.sampler import SamplingInput, sample
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, on_output: Callable[[RequestOutput], None]) -> None:
+        self.tokenizer = tokenizer
+        self.on_output = on_output
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> list[int]:
+        inputs = [self._sampling_input(r, shared_generator) for r in reqs]
+        out = sample(logits, inputs)
+        for i, req in enumerate(reqs):
+            if req.return_logprob:
+                req.output_logprobs.append((out.logprobs[i], out.token_ids[i], None))
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append([(lp, tid, None) for lp, tid in out.top_logprobs[i]])
+        return out.token_ids
+
+    def _sampling_input(self, req: Req, shared_generator) -> SamplingInput:
+        p = req.params
+        banned: list[int] = []
+        if len(req.output_ids) < p.min_new_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
+        return SamplingInput(
+            params=p, output_ids=req.output_ids, prompt_ids=req.prompt_ids,
+            generator=req.generator if req.generator is not None else shared_generator,
+            banned_ids=banned, top_logprobs_num=req.top_logprobs_num if req.return_logprob else 0,
+        )
+
+    def record_prompt_logprobs(self, reqs: list[Req], plan: ExtendPlan, logits: torch.Tensor) -> None:
+        """Prompt-token logprobs (raw model distribution) for the positions computed this pass."""
+        for span in plan.prompt_spans:
+            req = reqs[span.req_index]
+            if span.first_token == 1 and req.logprob_start_len == 0 and not req.input_logprobs:
+                req.input_logprobs.append((None, req.prompt_ids[0], None))
+                req.input_top_logprobs.append(None)
+            rows = logits[span.offset : span.offset + span.count].float().log_softmax(-1)
+            targets = req.prompt_ids[span.first_token : span.first_token + span.count]
+            chosen = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+            req.input_logprobs.extend((lp, t, None) for lp, t in zip(chosen, targets))
+            k = req.top_logprobs_num
+            if k:
+                vals, idx = rows.topk(k, dim=-1)
+                for v_row, i_row in zip(vals.tolist(), idx.tolist()):
+                    req.input_top_logprobs.append([(v, i, None) for v, i in zip(v_row, i_row)])
+            else:
+                req.input_top_logprobs.extend([None] * span.count)
+        for req in reqs:  # start == 0 with a one-token prompt has no span at all
+            if req.wants_prompt_logprobs and req.logprob_start_len == 0 and not req.input_logprobs:
+                req.input_logprobs.append((None, req.prompt_ids[0], None))
+                req.input_top_logprobs.append(None)
+
+    # ---- finishing ------------------------------------------------------------------------------
+    def append_token(self, req: Req, tok: int, context_len: int) -> tuple[FinishReason | None, object]:
+        """Append a sampled token; return why the request finished, if it did, and what matched."""
+        p = req.params
+        req.output_ids.append(tok)
+        if tok in p.stop_token_ids:
+            return FinishReason.STOP_TOKEN, tok
+        if not p.ignore_eos and tok in self.eos_ids:
+            return FinishReason.EOS, tok
+        step = req.decoder.push(tok)
+        req.pending_text += step.delta
+        if step.stop_matched is not None:
+            return FinishReason.STOP_STR, step.stop_matched
+        if req.remaining_new_tokens == 0 or req.seq_len >= context_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def emit_progress(self, req: Req) -> None:
+        if not req.stream:
+            return
+        delta_ids = req.output_ids[req.sent_ids :]
+        req.sent_ids = len(req.output_ids)
+        text, req.pending_text = req.pending_text, ""
+        self.on_output(RequestOutput(req.rid, text, delta_ids, False, {}))
+
+    def emit(self, req: Req, error: str | None = None) -> None:
+        """The final message of a request (finished, aborted or failed)."""
+        if req.finish != FinishReason.STOP_STR:  # release text held back as a possible stop prefix
+            req.pending_text += req.decoder.flush()
+        delta_ids = req.output_ids[req.sent_ids :]
+        req.sent_ids = len(req.output_ids)
+        text = req.pending_text if req.stream else req.decoder.text
+        req.pending_text = ""
+        self.on_output(RequestOutput(req.rid, text, delta_ids, True, self.meta_info(req), error=error))
+
+    def meta_info(self, req: Req) -> dict:
+        meta = {
+            "id": req.rid,
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
+            "finish_reason": req.finish_reason_dict(),
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = list(req.output_logprobs)
+            if req.top_logprobs_num:
+                meta["output_top_logprobs"] = list(req.output_top_logprobs)
+            if req.logprob_start_len >= 0:
+                meta["input_token_logprobs"] = list(req.input_logprobs)
+                if req.top_logprobs_num:
+                    meta["input_top_logprobs"] = list(req.input_top_logprobs)
+        return meta

@@ -1,0 +1,309 @@
+"""The scheduler: continuous batching over one model, in its own thread.
+
+Each step either extends (prefills the uncached part of) newly admitted requests, in chunks of at
+most ``chunked_prefill_size`` tokens per batch, or decodes one token for every running request.
+Admission follows the schedule policy under a token budget that keeps a reserve for the running
+requests' future tokens. When KV runs out in decode, unlocked cache leaves are evicted first, then
+the newest running requests are retracted to the waiting queue (their computed tokens stay cached,
+so re-admission usually hits the cache). No request is ever dropped.
+
+Threading: ``run_forever`` runs on the scheduler thread and is the only code that touches the
+model, the pools and the requests. The front talks to it only through ``inbox`` (messages.py)
+and receives ``RequestOutput`` through the ``on_output`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import traceback
+from typing import Callable
+
+import torch
+
+from braid.config import EngineConfig
+from braid.radix_cache import RadixCache
+from braid.runtime.batch import build_decode_batch, build_extend_batch
+from braid.runtime.detokenizer import IncrementalDecoder
+from braid.runtime.kv_manager import KVManager
+from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
+from braid.runtime.model_runner import ModelRunner
+from braid.runtime.outputs import OutputProcessor
+from braid.runtime.policy import POLICIES
+from braid.runtime.request import FinishReason, Req
+from braid.runtime.sampler import make_generator
+from braid.runtime.sampling_params import SamplingParams
+
+log = logging.getLogger("braid.scheduler")
+
+# A waiting request sharing at least this many uncached tokens with one admitted in the same
+# step waits one step, so that it reuses that request's KV instead of computing it twice.
+IN_BATCH_SHARE_MIN = 32
+# Reserve per running request is capped so that one huge max_new_tokens cannot block admission.
+RESERVE_CLIP = 4096
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer,
+                 on_output: Callable[[RequestOutput], None]) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.on_output = on_output
+        self.context_len = runner.memory.context_len
+        self.kv = KVManager(runner.memory.num_slots, config.max_running_requests + 1,
+                            self.context_len, runner.device, config.disable_radix_cache)
+        self.policy = POLICIES.get(config.schedule_policy)
+        self.outputs = OutputProcessor(tokenizer, on_output)
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # decode phase
+        self.chunked: Req | None = None  # partially prefilled, continues next step
+        self.shared_generator = make_generator(config.random_seed, runner.device)
+        self._arrivals = 0
+        self._stop = False
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0}
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while not self._stop:
+            self._receive(block=not self.has_work)
+            if self.has_work:
+                self.step()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def step(self) -> None:
+        batch = self._schedule_extend()
+        reqs = batch if batch else list(self.running)
+        try:
+            self._run_extend(batch) if batch else self._run_decode()
+        except Exception as exc:  # one bad batch must not kill the engine
+            log.error("forward failed: %s", traceback.format_exc())
+            for req in reqs:
+                self._fail(req, f"internal error: {exc!r}")
+
+    def _receive(self, block: bool) -> None:
+        while True:
+            try:
+                msg = self.inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(msg, AddRequest):
+                try:
+                    self._add(msg)
+                except Exception as exc:  # the front validates; this is a last line of defence
+                    self.on_output(RequestOutput(msg.rid, "", [], True, {}, error=f"bad request: {exc}"))
+            elif isinstance(msg, AbortRequest):
+                self._abort(msg.rid)
+            elif isinstance(msg, GetStats):
+                self.on_output(RequestOutput(msg.rid, "", [], True, self.stats_snapshot()))
+            elif isinstance(msg, FlushCache):
+                ok = not self.has_work and self.kv.flush()
+                log.info("flush cache: %s", "done" if ok else "refused (requests running)")
+            elif isinstance(msg, Shutdown):
+                self._stop = True
+                for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
+                    self._fail(req, "engine shut down")
+                return
+
+    # ---- requests in and out --------------------------------------------------------------------
+    def _add(self, msg: AddRequest) -> None:
+        params = SamplingParams.from_dict(msg.sampling)
+        req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=params,
+                  return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+                  logprob_start_len=msg.logprob_start_len, stream=msg.stream)
+        req.max_new_tokens = min(params.max_new_tokens, self.context_len - len(req.prompt_ids))
+        req.decoder = IncrementalDecoder(self.tokenizer, list(params.stop),
+                                         skip_special_tokens=params.skip_special_tokens,
+                                         prompt_tail_ids=req.prompt_ids[-8:])
+        req.generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
+        req.arrival = self._arrivals
+        self._arrivals += 1
+        self.stats["prompt_tokens"] += len(req.prompt_ids)
+        self.waiting.append(req)
+
+    def _abort(self, rid: str) -> None:
+        for group in (self.waiting, self.running):
+            for req in group:
+                if req.rid == rid:
+                    group.remove(req)
+                    self._finish(req, FinishReason.ABORT, "aborted by client")
+                    return
+        if self.chunked is not None and self.chunked.rid == rid:
+            req, self.chunked = self.chunked, None
+            self._finish(req, FinishReason.ABORT, "aborted by client")
+
+    def _finish(self, req: Req, reason: FinishReason, matched) -> None:
+        req.finish, req.finish_matched = reason, matched
+        self.kv.release(req)
+        self.outputs.emit(req)
+
+    def _fail(self, req: Req, message: str) -> None:
+        for group in (self.waiting, self.running):
+            if req in group:
+                group.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        if req.row is not None and req.extend_len:
+            self.kv.discard(req, req.extend_len)
+        req.extend_len = 0
+        req.finish, req.finish_matched = FinishReason.ABORT, message
+        self.kv.release(req)
+        self.outputs.emit(req, error=message)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def _match_limit(self, req: Req) -> int:
+        # at least one token must be computed to get logits; prompt logprobs need their positions computed
+        limit = req.seq_len - 1
+        if req.wants_prompt_logprobs and not req.input_logprobs:
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    def _reserve(self) -> int:
+        reqs = self.running + ([self.chunked] if self.chunked else [])
+        ratio = self.config.new_token_ratio
+        return sum(int(min(r.remaining_new_tokens, RESERVE_CLIP) * ratio) for r in reqs)
+
+    def _schedule_extend(self) -> list[Req]:
+        budget = self.config.chunked_prefill_size
+        budget = float("inf") if budget == -1 else budget
+        admitted: list[Req] = []
+        if self.chunked is not None:  # a chunked prefill continues first
+            req, self.chunked = self.chunked, None
+            if self.kv.available == 0:  # cannot progress: back to the queue, its KV stays cached
+                self._retract(req)
+            else:
+                budget -= self._take_chunk(req, min(budget, self.kv.available))
+                admitted.append(req)
+        if not self.waiting or req_chunked_left(admitted):
+            return admitted
+        shared = RadixCache(device="cpu")
+        cached = {id(r): self.kv.match(r.fill_ids[: self._match_limit(r)]) for r in self.waiting}
+        for req in self.policy(self.waiting, lambda r: cached[id(r)]):
+            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_running_requests:
+                break
+            todo = req.seq_len - cached[id(req)]
+            if len(shared.match_prefix(req.fill_ids).slots) - cached[id(req)] >= IN_BATCH_SHARE_MIN:
+                continue
+            chunk = int(min(todo, budget))
+            reserve = self._reserve() + int(min(req.remaining_new_tokens, RESERVE_CLIP) * self.config.new_token_ratio)
+            self.kv.admit(req, self._match_limit(req))
+            if not self.kv.can_allocate(chunk + (reserve if chunk == todo else 0)):
+                self.kv.release(req)
+                break
+            self.waiting.remove(req)
+            if req.retractions == 0:  # report the prompt's own cache hit, not a re-admission's
+                req.cached_tokens = req.kv_len
+                self.stats["cached_tokens"] += req.kv_len
+            budget -= self._take_chunk(req, budget)
+            shared.insert(req.fill_ids, torch.zeros(req.seq_len, dtype=torch.int64))
+            admitted.append(req)
+            if req_chunked_left(admitted):
+                break
+        return admitted
+
+    def _take_chunk(self, req: Req, budget: float) -> int:
+        n = int(min(req.seq_len - req.kv_len, budget))
+        self.kv.extend(req, n)
+        req.extend_len = n
+        return n
+
+    # ---- forward passes -------------------------------------------------------------------------
+    def _run_extend(self, reqs: list[Req]) -> None:
+        fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
+        logits = self.runner.forward(fb)
+        for req in reqs:
+            req.kv_len += req.extend_len
+            req.extend_len = 0
+        self.outputs.record_prompt_logprobs(reqs, plan, logits)
+        done = [r for r in reqs if r.kv_len == r.seq_len]
+        for req in reqs:
+            if req.kv_len < req.seq_len:
+                self.kv.cache_prefix(req)
+                self.chunked = req
+        self._sample_and_advance(done, logits[plan.sample_rows] if done else None)
+
+    def _run_decode(self) -> None:
+        self._make_room_for_decode()
+        reqs = list(self.running)
+        if not reqs:
+            return
+        for req in reqs:
+            self.kv.extend(req, 1)
+            req.extend_len = 1
+        fb = build_decode_batch(reqs, self.kv.req_pool.table, self.runner.device)
+        logits = self.runner.forward(fb)
+        for req in reqs:
+            req.kv_len += 1
+            req.extend_len = 0
+        self._sample_and_advance(reqs, logits)
+
+    def _make_room_for_decode(self) -> None:
+        """Retract the newest requests until every running request gets one slot."""
+        while self.running and not self.kv.can_allocate(len(self.running)):
+            victim = max(self.running, key=lambda r: r.arrival)
+            self.running.remove(victim)
+            self._retract(victim)
+
+    def _retract(self, req: Req) -> None:
+        self.kv.release(req)
+        req.retractions += 1
+        self.stats["retractions"] += 1
+        self.waiting.append(req)
+        log.info("KV full: retracted %s (%d tokens)", req.rid, req.seq_len)
+
+    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor | None) -> None:
+        """Sample one token for each request whose fill_ids are all in KV, then finish or keep it."""
+        finished_zero = [r for r in reqs if r.remaining_new_tokens == 0]
+        for req in finished_zero:  # e.g. max_new_tokens=0: prompt only (logprob scoring, n>1 warm-up)
+            self._drop_running(req)
+            self._finish(req, FinishReason.LENGTH, None)
+        keep = [i for i, r in enumerate(reqs) if r.remaining_new_tokens > 0]
+        if not keep:
+            return
+        reqs = [reqs[i] for i in keep]
+        tokens = self.outputs.sample(reqs, logits[keep], self.shared_generator)
+        for req, tok in zip(reqs, tokens):
+            self.stats["generated_tokens"] += 1
+            reason, matched = self.outputs.append_token(req, tok, self.context_len)
+            if reason is not None:
+                self._drop_running(req)
+                self._finish(req, reason, matched)
+            else:
+                if req not in self.running:
+                    self.running.append(req)
+                self.outputs.emit_progress(req)
+
+    def _drop_running(self, req: Req) -> None:
+        if req in self.running:
+            self.running.remove(req)
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def stats_snapshot(self) -> dict:
+        """Counters and pool state; ``at_rest_error`` is the failed invariant check, if idle."""
+        error = None
+        if not self.has_work:
+            try:
+                self.kv.check_at_rest()
+            except AssertionError as exc:
+                error = str(exc)
+        return {
+            **self.stats,
+            "running": len(self.running) + (1 if self.chunked else 0),
+            "waiting": len(self.waiting),
+            "pool_slots": self.kv.num_slots,
+            "free_slots": self.kv.allocator.num_free,
+            "evictable_slots": self.kv.tree.evictable_size,
+            "locked_slots": self.kv.tree.protected_size,
+            "context_len": self.context_len,
+            "at_rest_error": error,
+        }
+
+
+def req_chunked_left(admitted: list[Req]) -> bool:
+    """True when the last admitted request could not be prefilled whole this step."""
+    return bool(admitted) and admitted[-1].kv_len + admitted[-1].extend_len < admitted[-1].seq_len
