@@ -33,8 +33,8 @@ def braid_tps(eng, batch: int, n_in: int, n_out: int, vocab: int) -> float:
 
 def hf_tps(model, batch: int, n_in: int, n_out: int, vocab: int) -> float:
     g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(1, vocab, (batch, n_in), generator=g).cuda()
-    kw = dict(do_sample=False, pad_token_id=0)
+    ids = torch.randint(1, vocab, (batch, n_in), generator=g).to(model.device)
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
         sync(ids.device)
@@ -52,31 +52,37 @@ def main() -> None:
     ap.add_argument("--in-tokens", type=int, default=128)
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    bw = copy_bandwidth_gbs(dev, mbytes=2048)
-    tflops = matmul_tflops(dev, torch.bfloat16, n=8192)
+    dev = torch.device("cpu" if a.dry_run else "cuda")
+    bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
+    tflops = matmul_tflops(dev, torch.bfloat16, n=512 if a.dry_run else 8192)
     if not os.path.exists(os.path.join(a.model, "config.json")):
         from benchmarks.make_random_llama import write
 
-        write(a.model, a.layers, torch.bfloat16, "cuda", tokenizer_from=os.environ.get("BRAID_TOKENIZER_DIR"))
+        shrink = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 1000, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
+        write(a.model, a.layers, torch.bfloat16, dev.type, os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
     import braid as bd
 
     batches = [int(b) for b in a.batches.split(",")]
     rows = {}
-    with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, max_running_requests=max(batches)) as eng:
+    with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, max_running_requests=max(batches),
+                   device=dev.type, max_total_tokens=20000 if a.dry_run else None) as eng:
         weights = param_bytes(eng.runner.model)
         vocab = eng.vocab_size
         for b in batches:
             rows[b] = [braid_tps(eng, b, a.in_tokens, a.out_tokens, vocab)]
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     if not a.skip_transformers:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map="cuda").eval()
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).to(dev).eval()
         for b in batches:
             rows[b].append(hf_tps(model, b, a.in_tokens, a.out_tokens, vocab))
-    print(f"GPU {torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s, "
+    name = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
+    print(f"{name}: copy {bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s, "
           f"weights {weights / 1e9:.2f} GB, {a.in_tokens} in / {a.out_tokens} out")
     print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'floor tok/s':>12} {'braid/floor':>12}")
     for b, vals in rows.items():

@@ -36,8 +36,9 @@ def layer_tensors(cfg: dict, i: int, dtype: torch.dtype, device: str) -> dict[st
     return out
 
 
-def write(out_dir: str, layers: int, dtype: torch.dtype, device: str, tokenizer_from: str | None) -> str:
-    cfg = {**LLAMA31_8B, "num_hidden_layers": layers, "torch_dtype": str(dtype).removeprefix("torch.")}
+def write(out_dir: str, layers: int, dtype: torch.dtype, device: str, tokenizer_from: str | None,
+          overrides: dict | None = None) -> str:
+    cfg = {**LLAMA31_8B, **(overrides or {}), "num_hidden_layers": layers, "torch_dtype": str(dtype).removeprefix("torch.")}
     os.makedirs(out_dir, exist_ok=True)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     files = {}
