@@ -44,3 +44,28 @@ def sync(device: torch.device) -> None:
 
 def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def linear_floor_s(model: torch.nn.Module, batch: int, device: torch.device, repeats: int = 5) -> float:
+    """Seconds per decode step spent in the model's weight matmuls alone (every nn.Linear once,
+    ``batch`` rows), measured here with the same threads: no engine can decode faster with these
+    weights in this dtype."""
+    import torch.nn.functional as F
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
+
+    def run() -> None:
+        for x, m in zip(xs, linears):
+            F.linear(x, m.weight)
+
+    with torch.inference_mode():
+        run()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -2,9 +2,10 @@
 
     python benchmarks/cpu_default_model.py [--threads 1] [--new-tokens 64]
 
-Prints, for batch 1 and batch 8: braid's output tokens/s, transformers' on the same float32
-weights in the same process, and the memory-bandwidth floor (weights read once per decode step
-at the copy bandwidth measured in this run). Greedy, fixed output length (ignore_eos).
+Prints, per batch size: braid's output tokens/s, transformers' on the same float32 weights in
+the same process, and two floors measured in this run: the memory-bandwidth floor (weights read
+once per decode step at the measured copy bandwidth) and the matmul floor (the model's own
+weight matmuls alone, same threads, same batch). Greedy, fixed output length (ignore_eos).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, param_bytes
+from benchmarks.common import copy_bandwidth_gbs, linear_floor_s, param_bytes
 
 PROMPTS = [
     "What is the capital of France?", "Name three colors.", "Explain gravity in one sentence.",
@@ -59,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import braid as bd
@@ -68,17 +70,20 @@ def main() -> None:
         weights = param_bytes(eng.runner.model)
         bw = copy_bandwidth_gbs(torch.device("cpu"))
         rows = []
-        for bs in (1, 8):
-            prompts = [chat(tok, p) for p in PROMPTS[:bs]]
+        for bs in [int(b) for b in args.batches.split(",")]:
+            prompts = [chat(tok, PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
             braid_tps = bench_braid(eng, prompts, args.new_tokens)
-            rows.append((bs, braid_tps, prompts))
+            mm_floor = bs / linear_floor_s(eng.runner.model, bs, torch.device("cpu"))
+            rows.append((bs, braid_tps, prompts, mm_floor))
     print(f"threads={args.threads} new_tokens={args.new_tokens} weights={weights / 1e6:.0f} MB "
           f"copy bandwidth={bw:.1f} GB/s")
-    print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'floor tok/s':>12}")
-    for bs, braid_tps, prompts in rows:
+    print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'bandwidth floor':>16} "
+          f"{'matmul floor':>13} {'braid/floor':>12}")
+    for bs, braid_tps, prompts, mm_floor in rows:
         hf_tps = bench_transformers(folder, tok, prompts, args.new_tokens)
-        floor = bs * bw * 1e9 / weights
-        print(f"{bs:>5} {braid_tps:>12.1f} {hf_tps:>19.1f} {floor:>12.1f}")
+        bw_floor = bs * bw * 1e9 / weights
+        floor = min(bw_floor, mm_floor)
+        print(f"{bs:>5} {braid_tps:>12.1f} {hf_tps:>19.1f} {bw_floor:>16.1f} {mm_floor:>13.1f} {braid_tps / floor:>12.0%}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,9 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     logits_rows: torch.Tensor  # (N,) int64, rows of the packed hidden states to compute logits for
     req_to_token: torch.Tensor  # ReqToTokenPool.table, (max_requests, max_context_len) int64
+    # Per-forward memo for the attention backend: metadata every layer shares (gather indices,
+    # masks) is computed by the first layer and reused by the others. Lives as long as the batch.
+    attn_memo: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -19,7 +19,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two requests are never 'equal'
 class Req:
     """One request. Token ids: ``prompt_ids`` then ``output_ids``; ``fill_ids`` is what must be in KV
     (or computed) before the next token can be sampled.

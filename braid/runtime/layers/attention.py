@@ -67,16 +67,13 @@ class TorchAttention(AttentionBackend):
 
     def _extend(self, layer, q, batch, kv, scale, window):
         out = torch.empty_like(q)
-        rows = batch.req_rows.tolist()
-        for i, start in enumerate(batch.extend_starts_cpu):
-            n, seq_len = batch.extend_lens_cpu[i], batch.seq_lens_cpu[i]
-            if n == 0:
-                continue
-            slots = batch.req_to_token[rows[i], :seq_len]
+        key = ("extend", window)
+        if key not in batch.attn_memo:
+            batch.attn_memo[key] = _extend_plan(batch, window)
+        for start, n, slots, mask in batch.attn_memo[key]:
             keys = kv.k[layer][slots].transpose(0, 1)  # (Hkv, L, D)
             values = kv.v[layer][slots].transpose(0, 1)
             query = q[start : start + n].transpose(0, 1)  # (Hq, n, D)
-            mask = _extend_mask(seq_len - n, n, seq_len, window, q.device)
             o = F.scaled_dot_product_attention(
                 query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                 is_causal=mask is None, scale=scale, enable_gqa=True,
@@ -88,21 +85,46 @@ class TorchAttention(AttentionBackend):
         bsz, num_q_heads, head_dim = q.shape
         num_kv_heads = kv.k[layer].shape[1]
         group = num_q_heads // num_kv_heads
-        max_len = max(batch.seq_lens_cpu)
-        # Gather only up to the longest sequence; padded columns point at slot 0 and are masked.
-        cols = torch.arange(max_len, device=q.device)
-        seq_lens = batch.seq_lens.unsqueeze(1)  # (B, 1)
-        valid = cols.unsqueeze(0) < seq_lens  # (B, L)
-        if window is not None:
-            valid &= cols.unsqueeze(0) >= seq_lens - window
-        idx = batch.req_to_token[batch.req_rows, :max_len].masked_fill(~valid, 0)
-        keys = kv.k[layer][idx].to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
-        values = kv.v[layer][idx].to(q.dtype).transpose(1, 2)
+        key = ("decode", window)
+        if key not in batch.attn_memo:
+            batch.attn_memo[key] = _decode_gather(batch, window)
+        idx, valid = batch.attn_memo[key]
+        max_len = valid.shape[1]
+        keys = kv.k[layer].index_select(0, idx).view(bsz, max_len, num_kv_heads, head_dim)
+        values = kv.v[layer].index_select(0, idx).view(bsz, max_len, num_kv_heads, head_dim)
+        keys = keys.to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
+        values = values.to(q.dtype).transpose(1, 2)
         # The G query heads sharing a KV head become G "query positions" of that head, so
         # GQA needs no repeated K/V and one SDPA call covers the whole batch.
         query = q.view(bsz, num_kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
         return o.reshape(bsz, num_q_heads, head_dim)
+
+
+def _extend_plan(batch, window: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """Per request with new tokens: (first row, count, KV slots of its whole sequence, mask)."""
+    plan = []
+    rows = batch.req_rows.tolist()
+    for i, start in enumerate(batch.extend_starts_cpu):
+        n, seq_len = batch.extend_lens_cpu[i], batch.seq_lens_cpu[i]
+        if n:
+            slots = batch.req_to_token[rows[i], :seq_len]
+            plan.append((start, n, slots, _extend_mask(seq_len - n, n, seq_len, window, batch.input_ids.device)))
+    return plan
+
+
+def _decode_gather(batch, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat KV-slot indices ``(B * L,)`` and validity mask ``(B, L)`` for a decode batch, shared by
+    every layer. Only up to the longest sequence is gathered; padded columns read the zeroed
+    padding slot 0 and are masked."""
+    max_len = max(batch.seq_lens_cpu)
+    cols = torch.arange(max_len, device=batch.seq_lens.device)
+    seq_lens = batch.seq_lens.unsqueeze(1)  # (B, 1)
+    valid = cols.unsqueeze(0) < seq_lens  # (B, L)
+    if window is not None:
+        valid &= cols.unsqueeze(0) >= seq_lens - window
+    idx = batch.req_to_token[batch.req_rows, :max_len].masked_fill(~valid, 0)
+    return idx.reshape(-1), valid
 
 
 def _extend_mask(

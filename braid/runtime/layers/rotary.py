@@ -104,10 +104,19 @@ class RotaryEmbedding(nn.Module):
         self.cos = angles.cos()
         self.sin = angles.sin()
 
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``(T, 1, D/2)`` at ``positions``; computed once per forward, shared by all layers."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin
+        # one rotation over q and k stacked along heads: half the ops of rotating each
+        qk = _rotate(torch.cat((q, k), dim=1), cos, sin)
+        return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (T, 1, D/2)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.apply(q, k, self.lookup(positions, q.dtype))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

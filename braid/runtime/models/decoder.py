@@ -30,7 +30,7 @@ class _Step(NamedTuple):
     batch: ForwardBatch
     kv: KVPool
     attn: AttentionBackend
-    rotary: RotaryEmbedding
+    cos_sin: tuple[torch.Tensor, torch.Tensor]  # RoPE tables at batch.positions, (T, 1, D/2) each
 
 
 class SelfAttention(nn.Module):
@@ -57,7 +57,7 @@ class SelfAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = step.rotary(step.batch.positions, q, k)
+        q, k = RotaryEmbedding.apply(q, k, step.cos_sin)
         o = step.attn.forward(self.layer_id, q, k, v, step.batch, step.kv, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
@@ -125,8 +125,8 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, kv: KVPool, attn: AttentionBackend) -> torch.Tensor:
-        step = _Step(batch, kv, attn, self.rotary)
         h = self.model.embed_tokens(batch.input_ids)  # (T, hidden)
+        step = _Step(batch, kv, attn, self.rotary.lookup(batch.positions, h.dtype))
         for layer in self.model.layers:
             h = layer(h, step)
         # Norm and head only for the rows whose logits are wanted (last token of each prompt).
