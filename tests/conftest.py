@@ -26,7 +26,8 @@ def smollm2_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def assert_at_rest(engine) -> None:
     """The pool invariant, read on the scheduler thread: with nothing running, every KV slot is
     free or evictable from the radix cache, and no request row is held."""
-    stats = engine.get_stats()
+    # a shut-down engine's scheduler thread has stopped: read its state directly
+    stats = engine.scheduler.stats_snapshot() if engine._closed else engine.get_stats()
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
     assert stats["at_rest_error"] is None, stats["at_rest_error"]
     assert stats["free_slots"] + stats["evictable_slots"] == stats["pool_slots"], stats

@@ -163,8 +163,8 @@ class Scheduler:
             limit = min(limit, max(req.logprob_start_len - 1, 0))
         return limit
 
-    def _reserve(self) -> int:
-        reqs = self.running + ([self.chunked] if self.chunked else [])
+    def _reserve(self, reqs: list[Req]) -> int:
+        """Slots kept back for the future tokens of ``reqs`` (a fraction of what they may still generate)."""
         ratio = self.config.new_token_ratio
         return sum(int(min(r.remaining_new_tokens, RESERVE_CLIP) * ratio) for r in reqs)
 
@@ -186,12 +186,12 @@ class Scheduler:
         for req in self.policy(self.waiting, lambda r: cached[id(r)]):
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_running_requests:
                 break
-            todo = req.seq_len - cached[id(req)]
             if len(shared.match_prefix(req.fill_ids).slots) - cached[id(req)] >= IN_BATCH_SHARE_MIN:
                 continue
+            self.kv.admit(req, self._match_limit(req))  # may match less than `cached` said: earlier
+            todo = req.seq_len - req.kv_len  # admissions in this step can have evicted some of it
             chunk = int(min(todo, budget))
-            reserve = self._reserve() + int(min(req.remaining_new_tokens, RESERVE_CLIP) * self.config.new_token_ratio)
-            self.kv.admit(req, self._match_limit(req))
+            reserve = self._reserve(self.running + admitted + [req])
             if not self.kv.can_allocate(chunk + (reserve if chunk == todo else 0)):
                 self.kv.release(req)
                 break
@@ -221,9 +221,9 @@ class Scheduler:
             req.extend_len = 0
         self.outputs.record_prompt_logprobs(reqs, plan, logits)
         done = [r for r in reqs if r.kv_len == r.seq_len]
-        for req in reqs:
+        for req in reqs:  # share the computed prefix now, not when the request finishes
+            self.kv.cache_prefix(req)
             if req.kv_len < req.seq_len:
-                self.kv.cache_prefix(req)
                 self.chunked = req
         self._sample_and_advance(done, logits[plan.sample_rows] if done else None)
 
