@@ -156,3 +156,21 @@ class IncrementalDecoder:
             if any(s.startswith(tail) for s in self._stops):
                 return n
         return 0
+
+
+def decode_output(tokenizer: Decoder, ids: Sequence[int], skip_special_tokens: bool = True,
+                  prompt_tail_ids: Sequence[int] = ()) -> str:
+    """The whole output text at once: what an IncrementalDecoder without stop strings releases
+    over all pushes plus ``flush``, for requests that neither stream nor stop on strings (no
+    per-token decoding needed)."""
+    tail = list(prompt_tail_ids)
+    head = tokenizer.decode(tail, skip_special_tokens=skip_special_tokens) if tail else ""
+    full = tokenizer.decode(tail + list(ids), skip_special_tokens=skip_special_tokens)
+    if not head.endswith(REPLACEMENT_CHAR) and full.startswith(head):
+        return full[len(head):]
+    # A character split between prompt and output: let the incremental decoder sort it out.
+    dec = IncrementalDecoder(tokenizer, (), skip_special_tokens, tail)
+    for t in ids:
+        dec.push(t)
+    dec.flush()
+    return dec.text

@@ -8,9 +8,12 @@ from typing import Callable
 import torch
 
 from braid.runtime.batch import ExtendPlan
+from braid.runtime.detokenizer import decode_output
 from braid.runtime.messages import RequestOutput
 from braid.runtime.request import FinishReason, Req
 from braid.runtime.sampler import SamplingInput, sample
+
+PROMPT_TAIL = 8  # prompt tokens decoded before the output, so its first token renders as in context
 
 
 class OutputProcessor:
@@ -73,10 +76,11 @@ class OutputProcessor:
             return FinishReason.STOP_TOKEN, tok
         if not p.ignore_eos and tok in self.eos_ids:
             return FinishReason.EOS, tok
-        step = req.decoder.push(tok)
-        req.pending_text += step.delta
-        if step.stop_matched is not None:
-            return FinishReason.STOP_STR, step.stop_matched
+        if req.decoder is not None:
+            step = req.decoder.push(tok)
+            req.pending_text += step.delta
+            if step.stop_matched is not None:
+                return FinishReason.STOP_STR, step.stop_matched
         if req.remaining_new_tokens == 0 or req.seq_len >= context_len:
             return FinishReason.LENGTH, None
         return None, None
@@ -91,13 +95,22 @@ class OutputProcessor:
 
     def emit(self, req: Req, error: str | None = None) -> None:
         """The final message of a request (finished, aborted or failed)."""
-        if req.finish != FinishReason.STOP_STR:  # release text held back as a possible stop prefix
-            req.pending_text += req.decoder.flush()
         delta_ids = req.output_ids[req.sent_ids :]
         req.sent_ids = len(req.output_ids)
-        text = req.pending_text if req.stream else req.decoder.text
+        if req.decoder is None:
+            text = self._whole_text(req)
+        else:
+            if req.finish != FinishReason.STOP_STR:  # release text held back as a possible stop prefix
+                req.pending_text += req.decoder.flush()
+            text = req.pending_text if req.stream else req.decoder.text
         req.pending_text = ""
         self.on_output(RequestOutput(req.rid, text, delta_ids, True, self.meta_info(req), error=error))
+
+    def _whole_text(self, req: Req) -> str:
+        ids = req.output_ids
+        if req.finish in (FinishReason.EOS, FinishReason.STOP_TOKEN):  # the ending token is not text
+            ids = ids[:-1]
+        return decode_output(self.tokenizer, ids, req.params.skip_special_tokens, req.prompt_ids[-PROMPT_TAIL:])
 
     def meta_info(self, req: Req) -> dict:
         meta = {

@@ -28,7 +28,7 @@ from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
 from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
 from braid.runtime.model_runner import ModelRunner
-from braid.runtime.outputs import OutputProcessor
+from braid.runtime.outputs import PROMPT_TAIL, OutputProcessor
 from braid.runtime.policy import POLICIES
 from braid.runtime.request import FinishReason, Req
 from braid.runtime.sampler import make_generator
@@ -67,9 +67,12 @@ class Scheduler:
     # ---- loop ---------------------------------------------------------------------------------
     def run_forever(self) -> None:
         while not self._stop:
-            self._receive(block=not self.has_work)
-            if self.has_work:
-                self.step()
+            try:
+                self._receive(block=not self.has_work)
+                if self.has_work:
+                    self.step()
+            except Exception:  # a bookkeeping bug must not take every other request down with it
+                log.error("scheduler loop error: %s", traceback.format_exc())
 
     @property
     def has_work(self) -> bool:
@@ -117,9 +120,10 @@ class Scheduler:
                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
                   logprob_start_len=msg.logprob_start_len, stream=msg.stream)
         req.max_new_tokens = min(params.max_new_tokens, self.context_len - len(req.prompt_ids))
-        req.decoder = IncrementalDecoder(self.tokenizer, list(params.stop),
-                                         skip_special_tokens=params.skip_special_tokens,
-                                         prompt_tail_ids=req.prompt_ids[-8:])
+        if req.stream or params.stop:  # otherwise the text is decoded once, at the end
+            req.decoder = IncrementalDecoder(self.tokenizer, list(params.stop),
+                                             skip_special_tokens=params.skip_special_tokens,
+                                             prompt_tail_ids=req.prompt_ids[-PROMPT_TAIL:])
         req.generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         req.arrival = self._arrivals
         self._arrivals += 1
@@ -153,7 +157,11 @@ class Scheduler:
         req.extend_len = 0
         req.finish, req.finish_matched = FinishReason.ABORT, message
         self.kv.release(req)
-        self.outputs.emit(req, error=message)
+        try:
+            self.outputs.emit(req, error=message)
+        except Exception:  # the request's own state is broken: still tell its caller
+            log.error("emit failed for %s: %s", req.rid, traceback.format_exc())
+            self.on_output(RequestOutput(req.rid, "", [], True, {}, error=message))
 
     # ---- admission ------------------------------------------------------------------------------
     def _match_limit(self, req: Req) -> int:

@@ -72,9 +72,14 @@ def run_backend(mode, prefix_lens, new_lens, group, window, seed):
 
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("window", [None, 3])
-def test_extend_matches_dense(group, window):
+@pytest.mark.parametrize("prefix_lens, new_lens", [
+    ([0, 5, 11, 2], [7, 3, 1, 9]),  # similar sizes: one padded call for the batch
+    ([0, 30, 1], [1, 25, 2]),  # skewed sizes: the per-request loop
+    ([4], [6]),  # a single request
+])  # fmt: skip
+def test_extend_matches_dense(group, window, prefix_lens, new_lens):
     # prefix 0 (plain prefill), odd lengths, a long cached prefix, and a 1-token extend
-    out, expected, *_ = run_backend(ForwardMode.EXTEND, [0, 5, 11, 2], [7, 3, 1, 9], group, window, seed=group)
+    out, expected, *_ = run_backend(ForwardMode.EXTEND, prefix_lens, new_lens, group, window, seed=group)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 

@@ -257,3 +257,26 @@ def test_random_streams_keep_the_invariants(case):
     for t, step in enumerate(steps, start=1):
         released += step.delta
         assert tok.decode(ids[:t], skip).rstrip("\ufffd").startswith(released)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 399), min_size=0, max_size=12), st.lists(st.integers(0, 399), max_size=30),
+       st.booleans())
+def test_decode_output_at_once_equals_incremental(tail, ids, skip):
+    """The engine decodes non-streaming, stop-free outputs in one call: same text as streaming."""
+    from braid.runtime.detokenizer import decode_output
+
+    tok = _tokenizer()
+    tail = [t % tok.vocab_size for t in tail]
+    ids = [t % tok.vocab_size for t in ids]
+    steps, flushed, _ = _run(tok, ids, skip=skip, tail=tail)
+    assert decode_output(tok, ids, skip, tail) == _joined(steps, flushed)
+
+
+def test_decode_output_with_a_character_split_from_the_prompt(tok):
+    ids = tok.byte_ids("日本")
+    tail, out = ids[:2], ids[2:]  # the first character's bytes straddle prompt and output
+    steps, flushed, _ = _run(tok, out, tail=tail)
+    from braid.runtime.detokenizer import decode_output
+
+    assert decode_output(tok, out, True, tail) == _joined(steps, flushed)

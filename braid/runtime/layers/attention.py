@@ -56,16 +56,20 @@ def create_attention_backend(name: str, **kwargs) -> AttentionBackend:
 
 @ATTENTION_BACKENDS.register("torch")
 class TorchAttention(AttentionBackend):
-    """Reference backend on ``scaled_dot_product_attention``: a loop over requests for
-    EXTEND, one padded SDPA call for the whole batch in DECODE."""
+    """Reference backend on ``scaled_dot_product_attention``. Requests are padded into one
+    ``(B, n_max)`` x ``(B, L_max)`` SDPA call per layer (always in DECODE, where n_max = 1; in
+    EXTEND when padding at most doubles the work); other EXTEND batches loop over requests."""
 
     def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
         kv.store(layer, batch.out_slots, k, v)
-        if batch.mode is ForwardMode.DECODE:
-            return self._decode(layer, q, batch, kv, scale, sliding_window)
-        return self._extend(layer, q, batch, kv, scale, sliding_window)
+        if batch.mode is ForwardMode.DECODE or _padding_pays(batch):
+            key = ("padded", sliding_window)
+            if key not in batch.attn_memo:
+                batch.attn_memo[key] = _padded_plan(batch, sliding_window)
+            return _padded_attention(layer, q, kv, scale, batch.attn_memo[key])
+        return self._extend_loop(layer, q, batch, kv, scale, sliding_window)
 
-    def _extend(self, layer, q, batch, kv, scale, window):
+    def _extend_loop(self, layer, q, batch, kv, scale, window):
         out = torch.empty_like(q)
         key = ("extend", window)
         if key not in batch.attn_memo:
@@ -81,24 +85,56 @@ class TorchAttention(AttentionBackend):
             out[start : start + n] = o.transpose(0, 1)
         return out
 
-    def _decode(self, layer, q, batch, kv, scale, window):
-        bsz, num_q_heads, head_dim = q.shape
-        num_kv_heads = kv.k[layer].shape[1]
-        group = num_q_heads // num_kv_heads
-        key = ("decode", window)
-        if key not in batch.attn_memo:
-            batch.attn_memo[key] = _decode_gather(batch, window)
-        idx, valid = batch.attn_memo[key]
-        max_len = valid.shape[1]
-        keys = kv.k[layer].index_select(0, idx).view(bsz, max_len, num_kv_heads, head_dim)
-        values = kv.v[layer].index_select(0, idx).view(bsz, max_len, num_kv_heads, head_dim)
-        keys = keys.to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
-        values = values.to(q.dtype).transpose(1, 2)
-        # The G query heads sharing a KV head become G "query positions" of that head, so
-        # GQA needs no repeated K/V and one SDPA call covers the whole batch.
-        query = q.view(bsz, num_kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
-        return o.reshape(bsz, num_q_heads, head_dim)
+
+def _padding_pays(batch: ForwardBatch) -> bool:
+    """Pad an EXTEND batch into one call only when that at most doubles queries and keys."""
+    bsz = batch.batch_size
+    if bsz == 1:
+        return False
+    return (bsz * max(batch.extend_lens_cpu) <= 2 * batch.num_tokens
+            and bsz * max(batch.seq_lens_cpu) <= 2 * sum(batch.seq_lens_cpu))
+
+
+def _padded_plan(batch: ForwardBatch, window: int | None) -> tuple[torch.Tensor, ...]:
+    """Indices and mask shared by every layer for a padded call:
+    q_rows ``(B*n)`` packed row of each padded query, q_valid ``(B*n)``, kv_idx ``(B*L)`` KV slot
+    of each padded key (padding reads the zeroed slot 0), mask ``(B, n, L)``."""
+    dev = batch.input_ids.device
+    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+    n_max, l_max = max(batch.extend_lens_cpu), max(batch.seq_lens_cpu)
+    ext, pre, starts = t(batch.extend_lens_cpu), t(batch.prefix_lens_cpu), t(batch.extend_starts_cpu)
+    i = torch.arange(n_max, device=dev)
+    j = torch.arange(l_max, device=dev)
+    q_valid = i[None, :] < ext[:, None]  # (B, n)
+    q_rows = (starts[:, None] + i[None, :]).masked_fill(~q_valid, 0)
+    q_pos = pre[:, None] + i[None, :]  # (B, n) position of each query
+    k_valid = j[None, :] < batch.seq_lens[:, None]  # (B, L)
+    mask = (j[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+    if window is not None:
+        mask &= j[None, None, :] > q_pos[:, :, None] - window
+    mask |= ~q_valid[:, :, None] & (j == 0)[None, None, :]  # padded queries see one key: no NaN
+    kv_idx = batch.req_to_token[batch.req_rows, :l_max].masked_fill(~k_valid, 0)
+    return q_rows.reshape(-1), q_valid.reshape(-1), kv_idx.reshape(-1), mask
+
+
+def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan) -> torch.Tensor:
+    q_rows, q_valid, kv_idx, mask = plan
+    bsz, n_max, l_max = mask.shape
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv.k[layer].shape[1]
+    group = num_q_heads // num_kv_heads
+    keys = kv.k[layer].index_select(0, kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
+    values = kv.v[layer].index_select(0, kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
+    keys = keys.to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
+    values = values.to(q.dtype).transpose(1, 2)
+    # The G query heads sharing a KV head become G x n "query positions" of that head, so GQA
+    # needs no repeated K/V and any SDPA kernel that takes a mask can run it.
+    query = q[q_rows].view(bsz, n_max, num_kv_heads, group, head_dim)
+    query = query.permute(0, 2, 3, 1, 4).reshape(bsz, num_kv_heads, group * n_max, head_dim)
+    full_mask = mask[:, None, None].expand(bsz, 1, group, n_max, l_max).reshape(bsz, 1, group * n_max, l_max)
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=full_mask, scale=scale)
+    o = o.view(bsz, num_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4)  # (B, n, Hkv, G, D)
+    return o.reshape(bsz * n_max, num_q_heads, head_dim)[q_valid]
 
 
 def _extend_plan(batch, window: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
@@ -111,20 +147,6 @@ def _extend_plan(batch, window: int | None) -> list[tuple[int, int, torch.Tensor
             slots = batch.req_to_token[rows[i], :seq_len]
             plan.append((start, n, slots, _extend_mask(seq_len - n, n, seq_len, window, batch.input_ids.device)))
     return plan
-
-
-def _decode_gather(batch, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat KV-slot indices ``(B * L,)`` and validity mask ``(B, L)`` for a decode batch, shared by
-    every layer. Only up to the longest sequence is gathered; padded columns read the zeroed
-    padding slot 0 and are masked."""
-    max_len = max(batch.seq_lens_cpu)
-    cols = torch.arange(max_len, device=batch.seq_lens.device)
-    seq_lens = batch.seq_lens.unsqueeze(1)  # (B, 1)
-    valid = cols.unsqueeze(0) < seq_lens  # (B, L)
-    if window is not None:
-        valid &= cols.unsqueeze(0) >= seq_lens - window
-    idx = batch.req_to_token[batch.req_rows, :max_len].masked_fill(~valid, 0)
-    return idx.reshape(-1), valid
 
 
 def _extend_mask(
