@@ -3,7 +3,7 @@ Llama-3.1-8B-shaped bf16 model, with the hardware floor measured in the same run
 
     python -m benchmarks.gpu_baseline [--model DIR] [--layers 32] [--batches 1,64]
 
-Each row: output tokens/s for `batch` requests of `in` random prompt tokens and `out` generated
+Each row: the median of 3 runs of output tokens/s for `batch` requests of `in` random prompt tokens and `out` generated
 tokens (greedy, ignore_eos); the floor is batch / (time to read the weights once at the measured
 copy bandwidth, or to do the step's matmul FLOPs at the measured bf16 rate, whichever is larger).
 """
@@ -18,17 +18,22 @@ import torch
 
 from benchmarks.common import copy_bandwidth_gbs, matmul_tflops, param_bytes, sync
 
+REPEATS = 3  # timed runs per figure; the median is printed
+
 
 def braid_tps(eng, batch: int, n_in: int, n_out: int, vocab: int) -> float:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, vocab, (batch, n_in), generator=g).tolist()
     params = {"max_new_tokens": n_out, "temperature": 0, "ignore_eos": True}
     eng.generate(input_ids=prompts, sampling_params={**params, "max_new_tokens": 4})
-    eng.flush_cache()
-    t0 = time.perf_counter()
-    outs = eng.generate(input_ids=prompts, sampling_params=params)
-    dt = time.perf_counter() - t0
-    return sum(o["meta_info"]["completion_tokens"] for o in outs) / dt
+    rates = []
+    for _ in range(REPEATS):
+        eng.flush_cache()  # every run prefills from scratch
+        t0 = time.perf_counter()
+        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        dt = time.perf_counter() - t0
+        rates.append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dt)
+    return sorted(rates)[len(rates) // 2]
 
 
 def hf_tps(model, batch: int, n_in: int, n_out: int, vocab: int) -> float:
@@ -38,10 +43,13 @@ def hf_tps(model, batch: int, n_in: int, n_out: int, vocab: int) -> float:
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
         sync(ids.device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, **kw)
-        sync(ids.device)
-    return batch * n_out / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, **kw)
+            sync(ids.device)
+            rates.append(batch * n_out / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ for what they choose to precompute per batch; the model owns nothing of the KV m
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -63,9 +65,10 @@ class TorchAttention(AttentionBackend):
     def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
         kv.store(layer, batch.out_slots, k, v)
         if batch.mode is ForwardMode.DECODE or _padding_pays(batch):
-            key = ("padded", sliding_window)
+            group = q.shape[1] // k.shape[1]
+            key = ("padded", sliding_window, group)
             if key not in batch.attn_memo:
-                batch.attn_memo[key] = _padded_plan(batch, sliding_window)
+                batch.attn_memo[key] = _padded_plan(batch, sliding_window, group)
             return _padded_attention(layer, q, kv, scale, batch.attn_memo[key])
         return self._extend_loop(layer, q, batch, kv, scale, sliding_window)
 
@@ -95,10 +98,18 @@ def _padding_pays(batch: ForwardBatch) -> bool:
             and bsz * max(batch.seq_lens_cpu) <= 2 * sum(batch.seq_lens_cpu))
 
 
-def _padded_plan(batch: ForwardBatch, window: int | None) -> tuple[torch.Tensor, ...]:
-    """Indices and mask shared by every layer for a padded call:
-    q_rows ``(B*n)`` packed row of each padded query, q_valid ``(B*n)``, kv_idx ``(B*L)`` KV slot
-    of each padded key (padding reads the zeroed slot 0), mask ``(B, n, L)``."""
+class PaddedPlan(NamedTuple):
+    """Indices and mask shared by every layer of one forward for a padded SDPA call."""
+
+    q_rows: torch.Tensor | None  # (B*n,) packed row of each padded query; None: identity (decode)
+    out_rows: torch.Tensor | None  # (T,) padded row of each real query; None: identity (decode)
+    kv_idx: torch.Tensor  # (B*L,) KV slot of each padded key; padding reads the zeroed slot 0
+    mask: torch.Tensor  # (B, 1, G * n, L) bool, True = may attend; (B, 1, 1, L) in decode
+    n_max: int
+    l_max: int
+
+
+def _padded_plan(batch: ForwardBatch, window: int | None, group: int) -> PaddedPlan:
     dev = batch.input_ids.device
     t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
     n_max, l_max = max(batch.extend_lens_cpu), max(batch.seq_lens_cpu)
@@ -114,27 +125,34 @@ def _padded_plan(batch: ForwardBatch, window: int | None) -> tuple[torch.Tensor,
         mask &= j[None, None, :] > q_pos[:, :, None] - window
     mask |= ~q_valid[:, :, None] & (j == 0)[None, None, :]  # padded queries see one key: no NaN
     kv_idx = batch.req_to_token[batch.req_rows, :l_max].masked_fill(~k_valid, 0)
-    return q_rows.reshape(-1), q_valid.reshape(-1), kv_idx.reshape(-1), mask
+    bsz = mask.shape[0]
+    if n_max == 1:  # decode: one query per request, nothing to gather or drop; the mask broadcasts
+        return PaddedPlan(None, None, kv_idx.reshape(-1), mask[:, None], n_max, l_max)
+    # the G query heads of a KV head are G x n query positions (see _padded_attention)
+    mask = mask[:, None, None].expand(bsz, 1, group, n_max, l_max).reshape(bsz, 1, group * n_max, l_max)
+    # real rows computed on the host from the lengths: a boolean index would sync the device
+    out_rows = t([b * n_max + i for b, n in enumerate(batch.extend_lens_cpu) for i in range(n)])
+    return PaddedPlan(q_rows.reshape(-1), out_rows, kv_idx.reshape(-1), mask, n_max, l_max)
 
 
-def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan) -> torch.Tensor:
-    q_rows, q_valid, kv_idx, mask = plan
-    bsz, n_max, l_max = mask.shape
+def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: PaddedPlan) -> torch.Tensor:
+    bsz, n_max, l_max = plan.mask.shape[0], plan.n_max, plan.l_max
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv.k[layer].shape[1]
     group = num_q_heads // num_kv_heads
-    keys = kv.k[layer].index_select(0, kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
-    values = kv.v[layer].index_select(0, kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
+    keys = kv.k[layer].index_select(0, plan.kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
+    values = kv.v[layer].index_select(0, plan.kv_idx).view(bsz, l_max, num_kv_heads, head_dim)
     keys = keys.to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
     values = values.to(q.dtype).transpose(1, 2)
     # The G query heads sharing a KV head become G x n "query positions" of that head, so GQA
     # needs no repeated K/V and any SDPA kernel that takes a mask can run it.
-    query = q[q_rows].view(bsz, n_max, num_kv_heads, group, head_dim)
+    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
+    query = query.view(bsz, n_max, num_kv_heads, group, head_dim)
     query = query.permute(0, 2, 3, 1, 4).reshape(bsz, num_kv_heads, group * n_max, head_dim)
-    full_mask = mask[:, None, None].expand(bsz, 1, group, n_max, l_max).reshape(bsz, 1, group * n_max, l_max)
-    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=full_mask, scale=scale)
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=plan.mask, scale=scale)
     o = o.view(bsz, num_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4)  # (B, n, Hkv, G, D)
-    return o.reshape(bsz * n_max, num_q_heads, head_dim)[q_valid]
+    o = o.reshape(bsz * n_max, num_q_heads, head_dim)
+    return o if plan.out_rows is None else o.index_select(0, plan.out_rows)
 
 
 def _extend_plan(batch, window: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
