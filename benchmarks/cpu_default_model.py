@@ -83,7 +83,8 @@ def main() -> None:
         hf_tps = bench_transformers(folder, tok, prompts, args.new_tokens)
         bw_floor = bs * bw * 1e9 / weights
         floor = min(bw_floor, mm_floor)
-        print(f"{bs:>5} {braid_tps:>12.1f} {hf_tps:>19.1f} {bw_floor:>16.1f} {mm_floor:>13.1f} {braid_tps / floor:>12.0%}")
+        print(f"{bs:>5} {braid_tps:>12.1f} {hf_tps:>19.1f} {bw_floor:>16.1f} {mm_floor:>13.1f} "
+              f"{braid_tps / floor:>12.0%}")
 
 
 if __name__ == "__main__":

@@ -27,18 +27,38 @@ LLAMA31_8B = {
 def layer_tensors(cfg: dict, i: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     h, f, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    out = {f"model.layers.{i}.{k}.weight": torch.randn(s, device=device, dtype=dtype) * s[1] ** -0.5
-           for k, s in shapes.items()}
+    shapes = {
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "mlp.gate_proj": (f, h),
+        "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
+    }
+    out = {
+        f"model.layers.{i}.{k}.weight": torch.randn(s, device=device, dtype=dtype) * s[1] ** -0.5
+        for k, s in shapes.items()
+    }
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[f"model.layers.{i}.{norm}.weight"] = 1 + 0.1 * torch.randn(h, device=device, dtype=dtype)
     return out
 
 
-def write(out_dir: str, layers: int, dtype: torch.dtype, device: str, tokenizer_from: str | None,
-          overrides: dict | None = None) -> str:
-    cfg = {**LLAMA31_8B, **(overrides or {}), "num_hidden_layers": layers, "torch_dtype": str(dtype).removeprefix("torch.")}
+def write(
+    out_dir: str,
+    layers: int,
+    dtype: torch.dtype,
+    device: str,
+    tokenizer_from: str | None,
+    overrides: dict | None = None,
+) -> str:
+    cfg = {
+        **LLAMA31_8B,
+        **(overrides or {}),
+        "num_hidden_layers": layers,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
     os.makedirs(out_dir, exist_ok=True)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     files = {}
@@ -47,9 +67,11 @@ def write(out_dir: str, layers: int, dtype: torch.dtype, device: str, tokenizer_
         tensors = layer_tensors(cfg, i, dtype, device)
         save_file({k: t.cpu() for k, t in tensors.items()}, os.path.join(out_dir, name))
         files.update({k: name for k in tensors})
-    top = {"model.embed_tokens.weight": torch.randn(v, h, device=device, dtype=dtype),
-           "lm_head.weight": torch.randn(v, h, device=device, dtype=dtype) * h**-0.5,
-           "model.norm.weight": torch.ones(h, device=device, dtype=dtype)}
+    top = {
+        "model.embed_tokens.weight": torch.randn(v, h, device=device, dtype=dtype),
+        "lm_head.weight": torch.randn(v, h, device=device, dtype=dtype) * h**-0.5,
+        "model.norm.weight": torch.ones(h, device=device, dtype=dtype),
+    }
     save_file({k: t.cpu() for k, t in top.items()}, os.path.join(out_dir, "model-top.safetensors"))
     files.update({k: "model-top.safetensors" for k in top})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:

@@ -28,9 +28,13 @@ class EngineConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
     schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")
-    chunked_prefill_size: int = _opt(2048, "max prompt tokens in one extend batch; longer prompts are chunked; -1 = off")
+    chunked_prefill_size: int = _opt(
+        2048, "max prompt tokens in one extend batch; longer prompts are chunked; -1 = off"
+    )
     max_running_requests: int = _opt(256, "max requests decoding at once")
-    max_total_tokens: int | None = _opt(None, "KV pool size in tokens; unset = 16384 on CPU, from mem_fraction_static on GPU")
+    max_total_tokens: int | None = _opt(
+        None, "KV pool size in tokens; unset = 16384 on CPU, from mem_fraction_static on GPU"
+    )
     mem_fraction_static: float = _opt(0.85, "GPU: fraction of free memory (after weights) given to the KV pool")
     context_len: int | None = _opt(None, "max tokens per request (prompt + output); unset = the model's limit")
     disable_radix_cache: bool = _opt(False, "turn prefix caching off")

@@ -3,7 +3,8 @@ schedule policy, grammar backend). Unknown names raise an error listing the know
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from braid.errors import UnknownNameError
 

@@ -8,7 +8,8 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from braid.config import EngineConfig
 from braid.errors import EngineClosedError, InvalidRequestError, RequestFailedError
@@ -57,37 +58,55 @@ class Engine:
         return self.runner.info.vocab_size
 
     # ---- public API ---------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False) -> Any:
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+        stream: bool = False,
+    ) -> Any:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
 
         ``stream=True`` (single prompt, n == 1) returns an iterator of dicts whose ``text`` pieces
         concatenate to the final text; the last one carries ``meta_info`` with ``finish_reason``.
         """
-        inp = normalize_generate_args(self, prompt, sampling_params, input_ids, return_logprob,
-                                      top_logprobs_num, logprob_start_len, stream)
+        inp = normalize_generate_args(
+            self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream
+        )
         if stream:
             return self._stream(inp.items[0])
         results = self._run_all(inp)
         return results if inp.is_batch or inp.n > 1 else results[0]
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None,
-             **kwargs: Any) -> Any:
+    def chat(
+        self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None, **kwargs: Any
+    ) -> Any:
         """``generate`` on conversations rendered with the model's chat template (as vLLM's
         ``LLM.chat``). ``messages``: one conversation (list of {"role", "content"}) or a list of them.
         ``generate`` itself sends prompts as they are, like SGLang's engine."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.tokenizer.apply_chat_template(c) for c in convs]
-        return self.generate(prompt=prompts if convs is messages else prompts[0],
-                             sampling_params=sampling_params, **kwargs)
+        return self.generate(
+            prompt=prompts if convs is messages else prompts[0], sampling_params=sampling_params, **kwargs
+        )
 
-    async def async_generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
-                             input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False) -> Any:
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+        stream: bool = False,
+    ) -> Any:
         """As ``generate``, for asyncio callers; ``stream=True`` returns an async iterator."""
-        inp = normalize_generate_args(self, prompt, sampling_params, input_ids, return_logprob,
-                                      top_logprobs_num, logprob_start_len, stream)
+        inp = normalize_generate_args(
+            self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream
+        )
         if stream:
             return self._astream(inp.items[0])
         if inp.n > 1:
@@ -112,7 +131,7 @@ class Engine:
         self.scheduler.inbox.put(Shutdown())
         self._thread.join(timeout=30)
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,7 +3,7 @@ incremental text, and the RequestOutput messages sent to the front."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -41,7 +41,9 @@ def _prompts_to_ids(engine, prompt: Any, input_ids: Any) -> tuple[list[list[int]
             raise InvalidRequestError("prompt", "empty list")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise InvalidRequestError("prompt", f"expected a string or a list of strings, got {type(t).__name__} at {i}")
+                raise InvalidRequestError(
+                    "prompt", f"expected a string or a list of strings, got {type(t).__name__} at {i}"
+                )
             if not t:
                 raise InvalidRequestError("prompt", "empty prompt")
         return [engine.tokenizer.encode(t) for t in texts], is_batch
@@ -69,8 +71,9 @@ def _params_list(sampling_params: Any, count: int) -> list[SamplingParams]:
     return [SamplingParams.from_dict(sampling_params)] * count
 
 
-def normalize_generate_args(engine, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
-                            logprob_start_len, stream) -> GenerateInput:
+def normalize_generate_args(
+    engine, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream
+) -> GenerateInput:
     _check_bool("return_logprob", return_logprob)
     _check_bool("stream", stream)
     _check_int("top_logprobs_num", top_logprobs_num, 0)
@@ -87,19 +90,35 @@ def normalize_generate_args(engine, prompt, sampling_params, input_ids, return_l
         p.validate_token_ids(engine.vocab_size)
         for key in CONSTRAINT_KEYS:
             if getattr(p, key) is not None:
-                raise InvalidRequestError(f"sampling_params.{key}", "constrained decoding is not available in this build yet")
+                raise InvalidRequestError(
+                    f"sampling_params.{key}", "constrained decoding is not available in this build yet"
+                )
     items, warmups = [], []
     for seq, p in zip(seqs, params):
         if len(seq) >= engine.context_len:
-            raise InvalidRequestError("prompt", f"{len(seq)} tokens; the context length is {engine.context_len} (prompt + output)")
+            raise InvalidRequestError(
+                "prompt", f"{len(seq)} tokens; the context length is {engine.context_len} (prompt + output)"
+            )
         if logprob_start_len >= len(seq):
-            raise InvalidRequestError("logprob_start_len", f"{logprob_start_len} is past the prompt's {len(seq)} tokens")
-        common = dict(input_ids=seq, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
-                      logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream)
+            raise InvalidRequestError(
+                "logprob_start_len", f"{logprob_start_len} is past the prompt's {len(seq)} tokens"
+            )
+        common = dict(
+            input_ids=seq,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+            logprob_start_len=logprob_start_len if return_logprob else -1,
+            stream=stream,
+        )
         if n > 1:
             warm = replace(p, max_new_tokens=0, n=1)
-            warmups.append(AddRequest(rid=new_rid(), sampling=warm.to_dict(), **{**common, "return_logprob": False,
-                                                                                   "logprob_start_len": -1}))
+            warmups.append(
+                AddRequest(
+                    rid=new_rid(),
+                    sampling=warm.to_dict(),
+                    **{**common, "return_logprob": False, "logprob_start_len": -1},
+                )
+            )
         for i in range(n):
             pi = replace(p, n=1, seed=None if p.seed is None else p.seed + i)
             items.append(AddRequest(rid=new_rid(), sampling=pi.to_dict(), **common))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

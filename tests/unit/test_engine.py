@@ -43,8 +43,9 @@ def test_fidelity_batched_generate(arch, tmp_path, make_engine):
     folder = make_engine_model(arch, tmp_path)
     hf = load_hf(folder)
     prompts = random_prompts(3, 5, 40, hf.config.vocab_size, seed=1)
-    outs = make_engine(folder).generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8},
-                                        return_logprob=True)
+    outs = make_engine(folder).generate(
+        input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8}, return_logprob=True
+    )
     for prompt, out in zip(prompts, outs):
         ref_tokens, ref_lps = hf_greedy(hf, prompt, 8)
         assert out["output_ids"] == ref_tokens
@@ -65,12 +66,16 @@ def test_chunked_prefill_matches_unchunked(llama_dir, make_engine):
     prompts = random_prompts(4, 40, 90, 512, seed=3)
     params = {**GREEDY, "max_new_tokens": 6}
     chunked = make_engine(llama_dir, chunked_prefill_size=16).generate(
-        input_ids=prompts, sampling_params=params, return_logprob=True)
+        input_ids=prompts, sampling_params=params, return_logprob=True
+    )
     whole = make_engine(llama_dir, chunked_prefill_size=-1, disable_radix_cache=True).generate(
-        input_ids=prompts, sampling_params=params, return_logprob=True)
+        input_ids=prompts, sampling_params=params, return_logprob=True
+    )
     for c, w in zip(chunked, whole):
         assert c["output_ids"] == w["output_ids"]
-        for (a, _, _), (b, _, _) in zip(c["meta_info"]["output_token_logprobs"], w["meta_info"]["output_token_logprobs"]):
+        for (a, _, _), (b, _, _) in zip(
+            c["meta_info"]["output_token_logprobs"], w["meta_info"]["output_token_logprobs"]
+        ):
             assert abs(a - b) < 1e-4
 
 
@@ -90,9 +95,12 @@ def test_seed_reproduces_whatever_the_batch(eng):
     params = {"temperature": 1.0, "seed": 1234, "max_new_tokens": 12, "ignore_eos": True}
     alone = eng.generate(input_ids=prompt, sampling_params=params)
     others = random_prompts(5, 3, 30, 512, seed=6)
-    batch = eng.generate(input_ids=others[:2] + [prompt] + others[2:],
-                         sampling_params=[{"temperature": 1.0, "max_new_tokens": 12}] * 2 + [params]
-                         + [{"temperature": 0.7, "max_new_tokens": 5}] * 3)
+    batch = eng.generate(
+        input_ids=others[:2] + [prompt] + others[2:],
+        sampling_params=[{"temperature": 1.0, "max_new_tokens": 12}] * 2
+        + [params]
+        + [{"temperature": 0.7, "max_new_tokens": 5}] * 3,
+    )
     assert batch[2]["output_ids"] == alone["output_ids"]
     other_seed = eng.generate(input_ids=prompt, sampling_params={**params, "seed": 99})
     assert other_seed["output_ids"] != alone["output_ids"]
@@ -103,8 +111,11 @@ def test_stop_string_across_token_boundary(eng):
     ids, text = full["output_ids"], full["text"]
     # a stop string made of the end of token k and the start of token k+1
     pieces = [eng.tokenizer.decode([t]) for t in ids]
-    k = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1] and pieces[i].isprintable()
-             and pieces[i + 1].isprintable())
+    k = next(
+        i
+        for i in range(1, len(pieces) - 1)
+        if pieces[i] and pieces[i + 1] and pieces[i].isprintable() and pieces[i + 1].isprintable()
+    )
     stop = pieces[k][-1] + pieces[k + 1][:1]
     cut = text.index(stop)
     out = eng.generate(prompt="The quick brown", sampling_params={**GREEDY, "max_new_tokens": 24, "stop": [stop]})
@@ -130,8 +141,13 @@ def test_stream_closed_early_frees_kv(eng):
 def test_prompt_logprobs_match_transformers(eng, hf_llama):
     prompt = random_prompts(1, 20, 20, 512, seed=7)[0]
     eng.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 1})  # cache it first
-    out = eng.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 0},
-                       return_logprob=True, logprob_start_len=5, top_logprobs_num=2)
+    out = eng.generate(
+        input_ids=prompt,
+        sampling_params={**GREEDY, "max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=5,
+        top_logprobs_num=2,
+    )
     got = out["meta_info"]["input_token_logprobs"]
     assert [t for _, t, _ in got] == prompt[5:]
     with torch.no_grad():
@@ -144,24 +160,29 @@ def test_prompt_logprobs_match_transformers(eng, hf_llama):
 
 def test_n_samples_share_the_prompt(eng):
     prompt = random_prompts(1, 25, 25, 512, seed=8)[0]
-    outs = eng.generate(input_ids=prompt, sampling_params={"n": 3, "temperature": 1.0, "seed": 7,
-                                                           "max_new_tokens": 5, "ignore_eos": True})
+    outs = eng.generate(
+        input_ids=prompt,
+        sampling_params={"n": 3, "temperature": 1.0, "seed": 7, "max_new_tokens": 5, "ignore_eos": True},
+    )
     assert len(outs) == 3
     assert all(o["meta_info"]["cached_tokens"] == len(prompt) - 1 for o in outs)
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(prompt=""), "prompt"),
-    (dict(prompt="hi", sampling_params={"max_new_tokens": -1}), "max_new_tokens"),
-    (dict(prompt="hi", sampling_params={"temprature": 0.5}), "temprature"),
-    (dict(prompt="hi", sampling_params={"temperature": "hot"}), "temperature"),
-    (dict(input_ids=[1, 2, 10**6]), "input_ids"),
-    (dict(prompt=123), "prompt"),
-    (dict(prompt="x " * 400), "prompt"),
-    (dict(prompt="hi", sampling_params={"stop_token_ids": [10**6]}), "stop_token_ids"),
-    (dict(prompt=["a", "b"], stream=True), "stream"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="hi", sampling_params={"max_new_tokens": -1}), "max_new_tokens"),
+        (dict(prompt="hi", sampling_params={"temprature": 0.5}), "temprature"),
+        (dict(prompt="hi", sampling_params={"temperature": "hot"}), "temperature"),
+        (dict(input_ids=[1, 2, 10**6]), "input_ids"),
+        (dict(prompt=123), "prompt"),
+        (dict(prompt="x " * 400), "prompt"),
+        (dict(prompt="hi", sampling_params={"stop_token_ids": [10**6]}), "stop_token_ids"),
+        (dict(prompt=["a", "b"], stream=True), "stream"),
+    ],
+)
 def test_bad_input_names_the_field(eng, kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         eng.generate(**kwargs)
@@ -175,9 +196,14 @@ def test_async_generate(eng):
     async def main():
         a, b = await asyncio.gather(
             eng.async_generate(prompt="one", sampling_params={**GREEDY, "max_new_tokens": 4}),
-            eng.async_generate(prompt="two", sampling_params={**GREEDY, "max_new_tokens": 4}))
-        pieces = [p["text"] async for p in await eng.async_generate(
-            prompt="one", sampling_params={**GREEDY, "max_new_tokens": 4}, stream=True)]
+            eng.async_generate(prompt="two", sampling_params={**GREEDY, "max_new_tokens": 4}),
+        )
+        pieces = [
+            p["text"]
+            async for p in await eng.async_generate(
+                prompt="one", sampling_params={**GREEDY, "max_new_tokens": 4}, stream=True
+            )
+        ]
         return a, b, "".join(pieces)
 
     a, b, streamed = asyncio.run(main())

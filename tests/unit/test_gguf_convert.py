@@ -31,8 +31,9 @@ def reader() -> gguf.GGUFReader:
 @pytest.fixture(scope="module")
 def raw(reader: gguf.GGUFReader) -> dict[str, torch.Tensor]:
     """Every tensor of the real GGUF, dequantized by gguf itself, under its GGUF name."""
-    return {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-            for t in reader.tensors}
+    return {
+        t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)) for t in reader.tensors
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,25 @@ def _weights(folder: str) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- the real SmolLM2 file
 
+
 def test_config_matches_gguf_metadata(smollm2_hf_dir: str) -> None:
     with open(os.path.join(smollm2_hf_dir, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
-    expected = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "vocab_size": 49152,
-                "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    expected = {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["rope_theta"] == 100000.0 and math.isclose(cfg["rms_norm_eps"], 1e-5, rel_tol=1e-6)
     from transformers import AutoConfig
@@ -84,10 +97,12 @@ def test_tensor_names_and_shapes(smollm2_hf_dir: str) -> None:
 def test_dequantized_tensors_equal_gguf_dequantization(smollm2_hf_dir: str, raw: dict[str, torch.Tensor]) -> None:
     hf = _weights(smollm2_hf_dir)
     layer = int(np.random.default_rng().integers(0, 30))
-    pairs = {"token_embd.weight": "model.embed_tokens.weight",  # Q8_0
-             f"blk.{layer}.ffn_down.weight": f"model.layers.{layer}.mlp.down_proj.weight",  # Q4_1
-             f"blk.{layer}.attn_v.weight": f"model.layers.{layer}.self_attn.v_proj.weight",
-             f"blk.{layer}.attn_norm.weight": f"model.layers.{layer}.input_layernorm.weight"}  # F32
+    pairs = {
+        "token_embd.weight": "model.embed_tokens.weight",  # Q8_0
+        f"blk.{layer}.ffn_down.weight": f"model.layers.{layer}.mlp.down_proj.weight",  # Q4_1
+        f"blk.{layer}.attn_v.weight": f"model.layers.{layer}.self_attn.v_proj.weight",
+        f"blk.{layer}.attn_norm.weight": f"model.layers.{layer}.input_layernorm.weight",
+    }  # F32
     for g, h in pairs.items():
         assert torch.equal(hf[h], raw[g]), f"{h} differs from gguf's dequantization of {g}"
     # q/k rows: HF row (head, half, i) is GGUF row (head, 2*i + half) -- built here by index.
@@ -110,7 +125,7 @@ def _llamacpp_reference_logits(raw: dict[str, torch.Tensor], ids: list[int], adj
     cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]  # (T, 1, hd/2)
 
     def rope(v: torch.Tensor) -> torch.Tensor:  # (T, H, hd)
-        a, b = (v[..., 0::2], v[..., 1::2]) if adjacent_pairs else (v[..., : hd // 2], v[..., hd // 2:])
+        a, b = (v[..., 0::2], v[..., 1::2]) if adjacent_pairs else (v[..., : hd // 2], v[..., hd // 2 :])
         ra, rb = a * cos - b * sin, a * sin + b * cos
         return torch.stack([ra, rb], -1).flatten(-2) if adjacent_pairs else torch.cat([ra, rb], -1)
 
@@ -119,6 +134,7 @@ def _llamacpp_reference_logits(raw: dict[str, torch.Tensor], ids: list[int], adj
 
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(n_layer):
+
         def p(n: str, i: int = i) -> torch.Tensor:
             return raw[f"blk.{i}.{n}.weight"]
 
@@ -143,7 +159,9 @@ def test_qk_unpermute_matches_llamacpp_rope(hf_model, raw: dict[str, torch.Tenso
         ref = _llamacpp_reference_logits(raw, ids, adjacent_pairs=True)
         wrong = _llamacpp_reference_logits(raw, ids, adjacent_pairs=False)
     assert (ours - ref).abs().max().item() < 2e-3 * ref.abs().max().item()
-    assert (wrong - ref).abs().max().item() > 0.1 * ref.abs().max().item(), "the check cannot tell the conventions apart"
+    assert (wrong - ref).abs().max().item() > 0.1 * ref.abs().max().item(), (
+        "the check cannot tell the conventions apart"
+    )
 
 
 @pytest.mark.slow
@@ -152,8 +170,9 @@ def test_logits_match_transformers_gguf_loader(hf_model) -> None:
     from transformers import AutoModelForCausalLM
 
     path = default_gguf_path()
-    theirs = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     ids = torch.tensor([[28, 4093, 314, 253, 1345, 30, 3837, 314]])
     with torch.no_grad():
         diff = (hf_model(ids).logits - theirs(ids).logits).abs().max().item()
@@ -168,11 +187,12 @@ def test_greedy_answer_names_paris(hf_model, smollm2_hf_dir: str) -> None:
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     ids = torch.tensor([tok.encode(prompt)])
     out = hf_model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(tok.eos_token_ids))
-    answer = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
 # ---------------------------------------------------------------- tiny synthetic GGUF files
+
 
 def _byte_vocab() -> tuple[list[str], list[int], list[str]]:
     from tokenizers import pre_tokenizers
@@ -186,8 +206,13 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: str, arch: str = "llama", extra: dict[str, np.ndarray] | None = None,
-                    bias: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: str,
+    arch: str = "llama",
+    extra: dict[str, np.ndarray] | None = None,
+    bias: bool = False,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
     """A 2-layer model with random F32 weights; returns the HF-layout weights it encodes."""
     rng = np.random.default_rng(seed)
     d, ff, heads, kv, hd = 16, 24, 4, 2, 4
@@ -198,12 +223,23 @@ def write_tiny_gguf(path: str, arch: str = "llama", extra: dict[str, np.ndarray]
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
     w.add_token_list(tokens), w.add_token_types(types), w.add_token_merges(merges)
     w.add_bos_token_id(0), w.add_eos_token_id(1)
-    hf: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.standard_normal((len(tokens), d), np.float32),
-                                 "model.norm.weight": rng.standard_normal(d, np.float32)}
+    hf: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": rng.standard_normal((len(tokens), d), np.float32),
+        "model.norm.weight": rng.standard_normal(d, np.float32),
+    }
     w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", hf["model.norm.weight"])
-    shapes = {"attn_q": (heads * hd, d), "attn_k": (kv * hd, d), "attn_v": (kv * hd, d), "attn_output": (d, d),
-              "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff), "attn_norm": (d,), "ffn_norm": (d,)}
+    shapes = {
+        "attn_q": (heads * hd, d),
+        "attn_k": (kv * hd, d),
+        "attn_v": (kv * hd, d),
+        "attn_output": (d, d),
+        "ffn_gate": (ff, d),
+        "ffn_up": (ff, d),
+        "ffn_down": (d, ff),
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+    }
     for i in range(2):
         for name, shape in shapes.items():
             hf_w = rng.standard_normal(shape, np.float32)
@@ -242,8 +278,9 @@ def test_qwen2_keeps_biases_and_rows(tmp_path) -> None:
         assert torch.equal(got[name], torch.from_numpy(value).to(torch.bfloat16)), name
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "Qwen2ForCausalLM"
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.bias.to(torch.bfloat16),
-                       got["model.layers.0.self_attn.q_proj.bias"])
+    assert torch.equal(
+        model.model.layers[0].self_attn.q_proj.bias.to(torch.bfloat16), got["model.layers.0.self_attn.q_proj.bias"]
+    )
 
 
 def test_unsupported_architecture_lists_supported(tmp_path) -> None:
@@ -275,6 +312,7 @@ def test_crash_mid_conversion_keeps_the_old_folder(tmp_path, monkeypatch) -> Non
 
 
 # ---------------------------------------------------------------- model_source
+
 
 def test_second_resolve_reuses_cache(tmp_path, monkeypatch, smollm2_hf_dir: str) -> None:
     cache = os.path.dirname(os.path.dirname(smollm2_hf_dir))
