@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -44,6 +45,7 @@ class EngineConfig:
     cache_dir: str | None = _opt(None, "where converted GGUF models are cached; unset = $BRAID_CACHE or ~/.cache/braid")
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         checks = [
             ("chunked_prefill_size", self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1, "-1 or >= 1"),
             ("max_running_requests", self.max_running_requests >= 1, ">= 1"),
@@ -68,6 +70,25 @@ class EngineConfig:
         if self.cpu_threads:
             return self.cpu_threads
         return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _check_field_types(config: Any) -> None:
+    """Every field holds its annotated type (bool is not an int; an int is a fine float)."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        allowed = typing.get_args(hint) or (hint,)
+        ok = any(
+            (value is None and t is type(None))
+            or (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (t is str and isinstance(value, str))
+            for t in allowed
+        )
+        if not ok:
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise InvalidRequestError(f.name, f"expected {names}, got {value!r}")
 
 
 def add_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig, skip: tuple[str, ...] = ()) -> None:

@@ -199,8 +199,10 @@ class Scheduler:
             self.kv.admit(req, self._match_limit(req))  # may match less than `cached` said: earlier
             todo = req.seq_len - req.kv_len  # admissions in this step can have evicted some of it
             chunk = int(min(todo, budget))
-            reserve = self._reserve(self.running + admitted + [req])
-            if not self.kv.can_allocate(chunk + (reserve if chunk == todo else 0)):
+            # the reserve protects running requests; alone, a request only needs its chunk to fit
+            alone = not self.running and not admitted
+            reserve = 0 if alone or chunk < todo else self._reserve(self.running + admitted + [req])
+            if not self.kv.can_allocate(chunk + reserve):
                 self.kv.release(req)
                 break
             self.waiting.remove(req)

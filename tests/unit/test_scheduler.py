@@ -118,3 +118,11 @@ def test_in_batch_sharers_wait_one_step(folder, make_engine):
     while sched.has_work:
         sched.step()
     sched.kv.check_at_rest()
+
+
+def test_a_request_as_large_as_the_pool_still_runs(folder, make_engine):
+    """Alone, a request is admitted even when its reserve for future tokens would not fit."""
+    eng = make_engine(folder, max_total_tokens=64, chunked_prefill_size=16)
+    assert eng.context_len == 64
+    out = eng.generate(input_ids=list(range(1, 51)), sampling_params={**GREEDY, "max_new_tokens": 1000})
+    assert len(out["output_ids"]) == 14 and out["meta_info"]["finish_reason"]["type"] == "length"
