@@ -215,3 +215,17 @@ def test_unknown_names_are_listed(llama_dir, make_engine):
         make_engine(llama_dir, schedule_policy="nope")
     with pytest.raises(InvalidRequestError, match="max_total_tokens"):
         make_engine(llama_dir, bogus_setting=1)
+
+
+def test_engine_runs_a_gguf_file_and_caches_its_conversion(tmp_path, make_engine):
+    from tests.unit.test_gguf_convert import write_tiny_gguf
+
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(path, seed=3)
+    first = make_engine(path, cache_dir=str(tmp_path / "cache"))
+    out = first.generate(prompt="the", sampling_params={**GREEDY, "max_new_tokens": 5})
+    assert len(out["output_ids"]) == 5
+    second = make_engine(path, cache_dir=str(tmp_path / "cache"))
+    assert second.model_folder == first.model_folder  # converted once
+    again = second.generate(prompt="the", sampling_params={**GREEDY, "max_new_tokens": 5})
+    assert again["output_ids"] == out["output_ids"]
