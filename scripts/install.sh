@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 if ! "$PY" -c "import torch" 2>/dev/null; then
