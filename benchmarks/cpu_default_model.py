@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import NamedTuple
 
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, linear_floor_s, param_bytes
 
 PROMPTS = [
-    "What is the capital of France?", "Name three colors.", "Explain gravity in one sentence.",
-    "Write a haiku about rain.", "What is 12 times 7?", "Give a synonym for happy.",
-    "Who wrote Hamlet?", "List two prime numbers.",
+    "What is the capital of France?",
+    "Name three colors.",
+    "Explain gravity in one sentence.",
+    "Write a haiku about rain.",
+    "What is 12 times 7?",
+    "Give a synonym for happy.",
+    "Who wrote Hamlet?",
+    "List two prime numbers.",
 ]
 
 
@@ -28,17 +34,44 @@ def chat(tok, q: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": q}])
 
 
-def bench_braid(eng, prompts: list[str], new_tokens: int) -> float:
-    params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
-    eng.generate(prompt=prompts, sampling_params={**params, "max_new_tokens": 4})  # warm-up
-    eng.flush_cache()
-    t0 = time.perf_counter()
-    outs = eng.generate(prompt=prompts, sampling_params=params)
-    dt = time.perf_counter() - t0
-    return sum(o["meta_info"]["completion_tokens"] for o in outs) / dt
+ROUNDS = 3  # braid, transformers and the floor are measured in alternating rounds; medians printed
 
 
-def bench_transformers(folder: str, tok, prompts: list[str], new_tokens: int) -> float:
+class Rates(NamedTuple):
+    end_to_end: float  # output tokens / time of the whole generate call (prefill included)
+    decode: float  # tokens after the first / (whole call - a 1-token call): the decode-only rate
+
+
+def _rates(run, batch: int, new_tokens: int) -> Rates:
+    """``run(n)`` generates n tokens for every prompt from scratch and returns its seconds."""
+    first = run(1)
+    whole = run(new_tokens)
+    return Rates(batch * new_tokens / whole, batch * (new_tokens - 1) / (whole - first))
+
+
+def braid_runner(eng, prompts: list[str]):
+    def run(n: int) -> float:
+        eng.flush_cache()  # every call prefills from scratch
+        t0 = time.perf_counter()
+        eng.generate(prompt=prompts, sampling_params={"max_new_tokens": n, "temperature": 0, "ignore_eos": True})
+        return time.perf_counter() - t0
+
+    return run
+
+
+def transformers_runner(model, hf_tok, prompts: list[str]):
+    enc = hf_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def run(n: int) -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+            return time.perf_counter() - t0
+
+    return run
+
+
+def load_transformers(folder: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -46,14 +79,11 @@ def bench_transformers(folder: str, tok, prompts: list[str], new_tokens: int) ->
     hf_tok.padding_side = "left"
     if hf_tok.pad_token is None:
         hf_tok.pad_token = hf_tok.eos_token
-    enc = hf_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=hf_tok.pad_token_id)
-    with torch.inference_mode():
-        model.generate(**enc, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        t0 = time.perf_counter()
-        model.generate(**enc, **kw)
-        dt = time.perf_counter() - t0
-    return len(prompts) * new_tokens / dt
+    return model, hf_tok
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -65,26 +95,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import braid as bd
 
+    cpu = torch.device("cpu")
     with bd.Engine(cpu_threads=args.threads) as eng:
-        folder, tok = eng.model_folder, eng.tokenizer
+        model, hf_tok = load_transformers(eng.model_folder)
         weights = param_bytes(eng.runner.model)
-        bw = copy_bandwidth_gbs(torch.device("cpu"))
-        rows = []
+        bw = copy_bandwidth_gbs(cpu)
+        print(
+            f"threads={args.threads} new_tokens={args.new_tokens} weights={weights / 1e6:.0f} MB "
+            f"copy bandwidth={bw:.1f} GB/s   tok/s, median of {ROUNDS} alternating rounds: end to end | decode only"
+        )
+        print(
+            f"{'batch':>5} {'braid':>15} {'transformers':>15} {'bandwidth floor':>16} {'matmul floor':>13} "
+            f"{'braid decode/floor':>19}"
+        )
         for bs in [int(b) for b in args.batches.split(",")]:
-            prompts = [chat(tok, PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
-            braid_tps = bench_braid(eng, prompts, args.new_tokens)
-            mm_floor = bs / linear_floor_s(eng.runner.model, bs, torch.device("cpu"))
-            rows.append((bs, braid_tps, prompts, mm_floor))
-    print(f"threads={args.threads} new_tokens={args.new_tokens} weights={weights / 1e6:.0f} MB "
-          f"copy bandwidth={bw:.1f} GB/s")
-    print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'bandwidth floor':>16} "
-          f"{'matmul floor':>13} {'braid/floor':>12}")
-    for bs, braid_tps, prompts, mm_floor in rows:
-        hf_tps = bench_transformers(folder, tok, prompts, args.new_tokens)
-        bw_floor = bs * bw * 1e9 / weights
-        floor = min(bw_floor, mm_floor)
-        print(f"{bs:>5} {braid_tps:>12.1f} {hf_tps:>19.1f} {bw_floor:>16.1f} {mm_floor:>13.1f} "
-              f"{braid_tps / floor:>12.0%}")
+            prompts = [chat(eng.tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
+            ours, theirs = braid_runner(eng, prompts), transformers_runner(model, hf_tok, prompts)
+            ours(4), theirs(4)  # warm-up
+            b, h, f = [], [], []
+            for _ in range(ROUNDS):
+                b.append(_rates(ours, bs, args.new_tokens))
+                h.append(_rates(theirs, bs, args.new_tokens))
+                f.append(bs / linear_floor_s(eng.runner.model, bs, cpu))
+            mm_floor = median(f)
+            bw_floor = bs * bw * 1e9 / weights
+            bd_e, bd_d = median([r.end_to_end for r in b]), median([r.decode for r in b])
+            hf_e, hf_d = median([r.end_to_end for r in h]), median([r.decode for r in h])
+            print(
+                f"{bs:>5} {bd_e:>7.1f} | {bd_d:>5.1f} {hf_e:>7.1f} | {hf_d:>5.1f} {bw_floor:>16.1f} "
+                f"{mm_floor:>13.1f} {bd_d / min(bw_floor, mm_floor):>19.0%}"
+            )
 
 
 if __name__ == "__main__":
