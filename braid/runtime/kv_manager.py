@@ -120,10 +120,6 @@ class KVManager:
         return True
 
     # ---- invariants -------------------------------------------------------------------------
-    @property
-    def held_by_requests(self) -> int:
-        return self.num_slots - self.allocator.num_free - self.tree.total_size
-
     def check_at_rest(self) -> None:
         """With no request running: every slot is free or evictable from the cache."""
         free, evictable = self.allocator.num_free, self.tree.evictable_size

@@ -11,7 +11,7 @@ from braid.runtime.batch import ExtendPlan
 from braid.runtime.detokenizer import decode_output
 from braid.runtime.messages import RequestOutput
 from braid.runtime.request import FinishReason, Req
-from braid.runtime.sampler import SamplingInput, sample
+from braid.runtime.sampler import SamplingInput, logprobs_of, sample
 
 PROMPT_TAIL = 8  # prompt tokens decoded before the output, so its first token renders as in context
 
@@ -42,6 +42,7 @@ class OutputProcessor:
             params=p, output_ids=req.output_ids, prompt_ids=req.prompt_ids,
             generator=req.generator if req.generator is not None else shared_generator,
             banned_ids=banned, top_logprobs_num=req.top_logprobs_num if req.return_logprob else 0,
+            return_logprob=req.return_logprob,
         )
 
     def record_prompt_logprobs(self, reqs: list[Req], plan: ExtendPlan, logits: torch.Tensor) -> None:
@@ -51,15 +52,11 @@ class OutputProcessor:
             if span.first_token == 1 and req.logprob_start_len == 0 and not req.input_logprobs:
                 req.input_logprobs.append((None, req.prompt_ids[0], None))
                 req.input_top_logprobs.append(None)
-            rows = logits[span.offset : span.offset + span.count].float().log_softmax(-1)
             targets = req.prompt_ids[span.first_token : span.first_token + span.count]
-            chosen = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
-            req.input_logprobs.extend((lp, t, None) for lp, t in zip(chosen, targets))
-            k = req.top_logprobs_num
-            if k:
-                vals, idx = rows.topk(k, dim=-1)
-                for v_row, i_row in zip(vals.tolist(), idx.tolist()):
-                    req.input_top_logprobs.append([(v, i, None) for v, i in zip(v_row, i_row)])
+            out = logprobs_of(logits[span.offset : span.offset + span.count], targets, req.top_logprobs_num)
+            req.input_logprobs.extend((lp, t, None) for lp, t in zip(out.logprobs, targets))
+            if req.top_logprobs_num:
+                req.input_top_logprobs.extend([(v, i, None) for v, i in row] for row in out.top_logprobs)
             else:
                 req.input_top_logprobs.extend([None] * span.count)
         for req in reqs:  # start == 0 with a one-token prompt has no span at all

@@ -41,14 +41,16 @@ class SamplingInput:
     generator: torch.Generator | None  # from make_generator(seed, device); None = the shared RNG
     banned_ids: list[int]  # never sampled this step (the engine bans EOS/stops below min_new_tokens)
     top_logprobs_num: int = 0  # how many of the most likely tokens to report, 0 = none
+    return_logprob: bool = True  # report the chosen token's logprob (False skips a pass over V)
 
 
 class SampleOutput(NamedTuple):
-    """One entry per row. ``logprobs[i]`` is the raw log-probability of ``token_ids[i]``;
-    ``top_logprobs[i]`` holds ``(logprob, token_id)`` pairs, most likely first."""
+    """One entry per row. ``logprobs[i]`` is the raw log-probability of ``token_ids[i]`` (None
+    when no row asked for logprobs); ``top_logprobs[i]`` holds ``(logprob, token_id)`` pairs,
+    most likely first."""
 
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]]]
 
 
@@ -81,7 +83,10 @@ def sample(logits: torch.Tensor, inputs: list[SamplingInput]) -> SampleOutput:
     logits = logits.float()
     plain_greedy = all(inp.params.is_greedy and not inp.params.has_penalties and not inp.banned_ids for inp in inputs)
     token_ids = logits.argmax(dim=-1) if plain_greedy else _choose(logits, inputs)
-    return _report(logits, token_ids, [inp.top_logprobs_num for inp in inputs])
+    top_nums = [inp.top_logprobs_num for inp in inputs]
+    if not any(inp.return_logprob for inp in inputs) and not any(top_nums):
+        return SampleOutput(token_ids.tolist(), [None] * len(inputs), [[] for _ in inputs])
+    return _report(logits, token_ids, top_nums)
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tensor, top_k: int) -> LogprobsOutput:

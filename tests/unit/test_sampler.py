@@ -319,3 +319,18 @@ def test_all_greedy_with_some_sampled_rows_mixed():
     ids = sample(logits, inputs).token_ids
     assert ids[1:] == logits.argmax(dim=-1).tolist()[1:]
     assert ids[0] in logits[0].topk(2).indices.tolist()
+
+
+def test_logprobs_are_skipped_only_when_no_row_asks():
+    from braid.runtime.sampler import SamplingInput, sample
+    from braid.runtime.sampling_params import SamplingParams
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams.from_dict({"temperature": 0})
+    rows = [SamplingInput(greedy, [], [1], None, [], return_logprob=False) for _ in range(3)]
+    quiet = sample(logits, rows)
+    assert quiet.logprobs == [None, None, None]
+    rows[1].return_logprob = True
+    loud = sample(logits, rows)
+    assert quiet.token_ids == loud.token_ids == logits.argmax(-1).tolist()
+    assert abs(loud.logprobs[1] - torch.log_softmax(logits[1], -1).max().item()) < 1e-6
