@@ -180,7 +180,19 @@ class Engine:
             q: queue.Queue = queue.Queue()
             self._submit(msg, q.put)
             queues.append(q)
-        return [_final(q.get(), msg) for q, msg in zip(queues, msgs)]
+        outs: list[RequestOutput] = []
+        try:
+            for q in queues:
+                outs.append(q.get())
+        except BaseException:  # e.g. KeyboardInterrupt: nobody will read the rest, free their KV
+            self._abort_quietly(msgs[len(outs) :])
+            raise
+        return [_final(out, msg) for out, msg in zip(outs, msgs)]
+
+    def _abort_quietly(self, msgs: list[AddRequest]) -> None:
+        if not self._closed:
+            for msg in msgs:
+                self._submit(AbortRequest(msg.rid))
 
     def _stream(self, msg: AddRequest) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
@@ -193,11 +205,16 @@ class Engine:
                 yield _chunk(out, msg)
         finally:
             if not done:  # the caller stopped iterating: free the request's KV
-                self._submit(AbortRequest(msg.rid))
+                self._abort_quietly([msg])
 
     async def _acollect(self, msg: AddRequest) -> dict:
         q = self._async_queue(msg)
-        return _final(await q.get(), msg)
+        try:
+            out = await q.get()
+        except asyncio.CancelledError:  # the awaiting task was cancelled (e.g. a client went away)
+            self._abort_quietly([msg])
+            raise
+        return _final(out, msg)
 
     async def _astream(self, msg: AddRequest) -> AsyncIterator[dict]:
         q = self._async_queue(msg)
@@ -209,7 +226,7 @@ class Engine:
                 yield _chunk(out, msg)
         finally:
             if not done:
-                self._submit(AbortRequest(msg.rid))
+                self._abort_quietly([msg])
 
     def _async_queue(self, msg: AddRequest) -> asyncio.Queue:
         loop = asyncio.get_running_loop()

@@ -232,3 +232,24 @@ def test_engine_runs_a_gguf_file_and_caches_its_conversion(tmp_path, make_engine
     assert second.model_folder == first.model_folder  # converted once
     again = second.generate(prompt="the", sampling_params={**GREEDY, "max_new_tokens": 5})
     assert again["output_ids"] == out["output_ids"]
+
+
+def test_cancelled_async_request_is_aborted(eng):
+    import asyncio
+
+    before = eng.get_stats()["generated_tokens"]
+
+    async def main():
+        task = asyncio.ensure_future(
+            eng.async_generate(prompt="long", sampling_params={**GREEDY, "max_new_tokens": 240}))
+        while eng.get_stats()["generated_tokens"] == before:  # let it start decoding
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    while eng.get_stats()["running"]:  # the abort is processed by the scheduler thread
+        pass
+    assert eng.get_stats()["generated_tokens"] - before < 240  # stopped early, not run to the end
+    # the autouse fixture then checks that the pool is whole again
