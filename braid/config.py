@@ -28,6 +28,7 @@ class EngineConfig:
     dtype: str = _opt("auto", "weights/KV dtype: auto | float32 | bfloat16 | float16 (auto = float32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
+    grammar_backend: str = _opt("xgrammar", "constrained decoding backend: xgrammar")
     schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")
     chunked_prefill_size: int = _opt(
         2048, "max prompt tokens in one extend batch; longer prompts are chunked; -1 = off"

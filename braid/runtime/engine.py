@@ -13,6 +13,7 @@ from typing import Any
 
 from braid.config import EngineConfig
 from braid.errors import EngineClosedError, InvalidRequestError, RequestFailedError
+from braid.runtime.constraints import Constraints
 from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown, new_rid
 from braid.runtime.model_runner import ModelRunner
 from braid.runtime.model_source import resolve_model_path
@@ -41,9 +42,10 @@ class Engine:
         self.tokenizer = Tokenizer(folder)
         self.runner = ModelRunner(self.config, folder)
         self.model_folder = folder
+        self.constraints = Constraints(self.config.grammar_backend, self.tokenizer, self.runner.info.vocab_size)
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
-        self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self._deliver)
+        self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)
         self._closed = False
         self._thread = threading.Thread(target=self._run_scheduler, name="braid-scheduler", daemon=True)
         self._thread.start()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from braid.runtime.batch import ExtendPlan
+from braid.runtime.constraints import Constraints, validate_json
 from braid.runtime.detokenizer import decode_output
 from braid.runtime.messages import RequestOutput
 from braid.runtime.request import FinishReason, Req
@@ -17,14 +18,16 @@ PROMPT_TAIL = 8  # prompt tokens decoded before the output, so its first token r
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, on_output: Callable[[RequestOutput], None]) -> None:
+    def __init__(self, tokenizer, constraints: Constraints, on_output: Callable[[RequestOutput], None]) -> None:
         self.tokenizer = tokenizer
+        self.constraints = constraints
         self.on_output = on_output
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> list[int]:
         inputs = [self._sampling_input(r, shared_generator) for r in reqs]
+        logits = self.constraints.mask_logits(logits, [r.matcher for r in reqs])
         out = sample(logits, inputs)
         for i, req in enumerate(reqs):
             if req.return_logprob:
@@ -36,7 +39,9 @@ class OutputProcessor:
     def _sampling_input(self, req: Req, shared_generator) -> SamplingInput:
         p = req.params
         banned: list[int] = []
-        if len(req.output_ids) < p.min_new_tokens:
+        if req.matcher is not None:  # the grammar decides where EOS may come; specials never
+            banned = self.constraints.banned_ids(p)
+        elif len(req.output_ids) < p.min_new_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
         return SamplingInput(
             params=p, output_ids=req.output_ids, prompt_ids=req.prompt_ids,
@@ -69,6 +74,8 @@ class OutputProcessor:
         """Append a sampled token; return why the request finished, if it did, and what matched."""
         p = req.params
         req.output_ids.append(tok)
+        if req.matcher is not None and not req.matcher.accept_token(tok):
+            return FinishReason.ABORT, f"internal error: the grammar rejected sampled token {tok}"
         if tok in p.stop_token_ids:
             return FinishReason.STOP_TOKEN, tok
         if not p.ignore_eos and tok in self.eos_ids:
@@ -101,7 +108,11 @@ class OutputProcessor:
                 req.pending_text += req.decoder.flush()
             text = req.pending_text if req.stream else req.decoder.text
         req.pending_text = ""
-        self.on_output(RequestOutput(req.rid, text, delta_ids, True, self.meta_info(req), error=error))
+        full_text = req.decoder.text if req.decoder is not None else text
+        meta = self.meta_info(req)
+        if req.params.json_schema is not None and req.finish != FinishReason.ABORT:
+            meta["valid"], meta["validation_error"] = validate_json(full_text, req.params.json_schema)
+        self.on_output(RequestOutput(req.rid, text, delta_ids, True, meta, error=error))
 
     def _whole_text(self, req: Req) -> str:
         ids = req.output_ids

@@ -54,6 +54,7 @@ class Req:
     finish_matched: str | int | None = None
     decoder: Any = None  # IncrementalDecoder
     generator: torch.Generator | None = None
+    matcher: Any = None  # grammar.Matcher of a constrained request
     output_logprobs: list[tuple[float, int, Any]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int, Any]]] = field(default_factory=list)
     input_logprobs: list[tuple[float | None, int, Any]] = field(default_factory=list)

@@ -10,8 +10,6 @@ from braid.errors import InvalidRequestError
 from braid.runtime.messages import AddRequest, new_rid
 from braid.runtime.sampling_params import SamplingParams
 
-CONSTRAINT_KEYS = ("json_schema", "regex", "ebnf")
-
 
 @dataclass(frozen=True)
 class GenerateInput:
@@ -88,11 +86,7 @@ def normalize_generate_args(
         raise InvalidRequestError("stream", "streaming takes a single prompt with n == 1")
     for p in params:
         p.validate_token_ids(engine.vocab_size)
-        for key in CONSTRAINT_KEYS:
-            if getattr(p, key) is not None:
-                raise InvalidRequestError(
-                    f"sampling_params.{key}", "constrained decoding is not available in this build yet"
-                )
+        engine.constraints.check(p)  # compiles now, on the caller's thread (cached)
     items, warmups = [], []
     for seq, p in zip(seqs, params):
         if len(seq) >= engine.context_len:

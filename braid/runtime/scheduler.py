@@ -24,6 +24,7 @@ import torch
 from braid.config import EngineConfig
 from braid.radix_cache import RadixCache
 from braid.runtime.batch import build_decode_batch, build_extend_batch
+from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
 from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
@@ -44,7 +45,7 @@ RESERVE_CLIP = 4096
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer,
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, constraints: Constraints,
                  on_output: Callable[[RequestOutput], None]) -> None:
         self.config = config
         self.runner = runner
@@ -54,7 +55,8 @@ class Scheduler:
         self.kv = KVManager(runner.memory.num_slots, config.max_running_requests + 1,
                             self.context_len, runner.device, config.disable_radix_cache)
         self.policy = POLICIES.get(config.schedule_policy)
-        self.outputs = OutputProcessor(tokenizer, on_output)
+        self.constraints = constraints
+        self.outputs = OutputProcessor(tokenizer, constraints, on_output)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # decode phase
@@ -124,6 +126,8 @@ class Scheduler:
             req.decoder = IncrementalDecoder(self.tokenizer, list(params.stop),
                                              skip_special_tokens=params.skip_special_tokens,
                                              prompt_tail_ids=req.prompt_ids[-PROMPT_TAIL:])
+        if req.max_new_tokens > 0:  # compiled already by the front: a cache hit
+            req.matcher = self.constraints.matcher(params)
         req.generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         req.arrival = self._arrivals
         self._arrivals += 1

@@ -48,3 +48,17 @@ def test_batch_stream_and_cache_on_real_text(default_engine):
     streamed = "".join(p["text"] for p in default_engine.generate(prompt=prompt, sampling_params=params, stream=True))
     assert streamed == outs[1]["text"]
     assert_at_rest(default_engine)
+
+
+def test_json_schema_on_real_text(default_engine):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"], "additionalProperties": False}
+    outs = default_engine.chat(
+        [[{"role": "user", "content": "Give the capital of France as JSON with keys city and country."}]] * 3,
+        sampling_params=[{"max_new_tokens": 40, "temperature": t, "seed": 3, "json_schema": schema}
+                         for t in (0.0, 1.0, 1.0)])
+    for out in outs:
+        assert out["meta_info"]["valid"] is True, out
+        assert set(__import__("json").loads(out["text"])) == {"city", "country"}
+    assert_at_rest(default_engine)

@@ -1,0 +1,86 @@
+"""The grammar contract: a spec is compiled once (cached) into a grammar; each constrained
+request gets its own matcher, which says which tokens may come next and follows the tokens that
+were chosen.
+
+Ownership: compiled grammars are immutable and shared (the compile cache holds them); a matcher
+belongs to one request and is touched only by the scheduler thread. Nothing here knows about KV
+memory or batches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+KINDS = ("regex", "json_schema", "ebnf")
+
+
+class GrammarError(ValueError):
+    """A spec that cannot be compiled; ``field`` names the request field it came from."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class GrammarSpec(NamedTuple):
+    kind: str  # one of KINDS
+    spec: str  # the regex, the JSON schema text, or the EBNF grammar
+    any_whitespace: bool = False  # JSON only: allow free whitespace runs (off: compact separators)
+
+
+class Matcher(Protocol):
+    """One request's position in its grammar."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 words, bit set = allowed)."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one chosen token; False if the grammar forbids it (the state is unchanged)."""
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` accepted tokens."""
+
+    def is_terminated(self) -> bool:
+        """The grammar accepted a stop token: nothing more may be generated."""
+
+    def forced_string(self) -> str:
+        """The text every continuation must start with ("" if the next step has a choice)."""
+
+
+class GrammarBackend(Protocol):
+    """Compiles specs for one tokenizer and makes matchers for them."""
+
+    name: str
+
+    def compile(self, spec: GrammarSpec) -> object:
+        """A compiled grammar; raises GrammarError naming the field on a bad or unsupported spec."""
+
+    def matcher(self, compiled: object) -> Matcher: ...
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """``(rows, ceil(V / 32))`` int32, every token allowed."""
+    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf, in place (torch reference, any device).
+
+    ``logits`` ``(B, V)``, ``bitmask`` ``(B, ceil(V / 32))`` int32 with bit ``t % 32`` of word
+    ``t // 32`` set when token ``t`` is allowed.
+    """
+    assert logits.dim() == 2 and bitmask.dim() == 2, f"shapes {tuple(logits.shape)} {tuple(bitmask.shape)}"
+    assert bitmask.shape[0] == logits.shape[0], f"{bitmask.shape[0]} mask rows for {logits.shape[0]} logits rows"
+    vocab = logits.shape[1]
+    assert bitmask.shape[1] >= bitmask_words(vocab), f"bitmask too narrow for vocab {vocab}"
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    words = bitmask.to(logits.device)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().reshape(logits.shape[0], -1)[:, :vocab]
+    logits.masked_fill_(~allowed, float("-inf"))

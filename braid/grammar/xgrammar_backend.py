@@ -1,0 +1,64 @@
+"""The xgrammar backend: regex, JSON schema and EBNF through xgrammar's compiler."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from braid.grammar.base import GrammarError, GrammarSpec
+
+
+class XGrammarMatcher:
+    def __init__(self, matcher) -> None:
+        self._m = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self._m.accept_token(token_id))
+
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+    def forced_string(self) -> str:
+        return self._m.find_jump_forward_string()
+
+
+class XGrammarBackend:
+    """Compiles for one HF tokenizer; ``vocab_size`` is the model's logits width."""
+
+    name = "xgrammar"
+
+    def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        try:
+            import xgrammar as xgr
+        except ImportError as e:  # a declared dependency; say what to install if it is missing
+            raise GrammarError("grammar_backend", "xgrammar is not installed: pip install xgrammar") from e
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, spec: GrammarSpec):
+        try:
+            if spec.kind == "regex":
+                return self._compiler.compile_regex(spec.spec)
+            if spec.kind == "json_schema":
+                json.loads(spec.spec)  # a clear error for invalid JSON before xgrammar's own
+                return self._compiler.compile_json_schema(
+                    spec.spec, any_whitespace=spec.any_whitespace,
+                    separators=None if spec.any_whitespace else (",", ":"))
+            if spec.kind == "ebnf":
+                return self._compiler.compile_grammar(spec.spec)
+        except json.JSONDecodeError as e:
+            raise GrammarError(spec.kind, f"not valid JSON: {e}") from e
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(spec.kind, f"xgrammar cannot compile it: {str(e).strip()[:500]}") from e
+        raise GrammarError(spec.kind, f"the xgrammar backend cannot compile {spec.kind!r}")
+
+    def matcher(self, compiled) -> XGrammarMatcher:
+        return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))

@@ -1,0 +1,109 @@
+"""The engine's side of constrained decoding: which requests carry a grammar, compiling specs
+(on the caller's thread, through the shared cache), per-request matchers, the batch bitmask,
+and the validation of finished JSON."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+from braid.errors import InvalidRequestError
+from braid.grammar import GRAMMAR_BACKENDS, GrammarCache, GrammarError, GrammarSpec, Matcher, apply_bitmask
+from braid.grammar.base import allocate_bitmask
+from braid.runtime.sampling_params import SamplingParams
+
+
+def spec_of(params: SamplingParams) -> GrammarSpec | None:
+    c = params.constraint
+    return None if c is None else GrammarSpec(c.kind, c.spec)
+
+
+class Constraints:
+    """Owned by the Engine; the backend (and its tokenizer tables) is built on first use."""
+
+    def __init__(self, backend_name: str, tokenizer, vocab_size: int) -> None:
+        GRAMMAR_BACKENDS.get(backend_name)  # unknown names fail at engine start
+        self.backend_name = backend_name
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._cache: GrammarCache | None = None
+        self._control_ids: list[int] | None = None
+        self._lock = threading.Lock()
+        eos = set(tokenizer.eos_token_ids)
+        # special tokens never appear inside constrained text, whatever a backend's mask says
+        self.special_ids = sorted(i for i in tokenizer.all_special_ids if i not in eos and i < vocab_size)
+
+    @property
+    def cache(self) -> GrammarCache:
+        with self._lock:
+            if self._cache is None:
+                backend = GRAMMAR_BACKENDS.create(self.backend_name, self.tokenizer.hf, self.vocab_size,
+                                                  sorted(self.tokenizer.eos_token_ids))
+                self._cache = GrammarCache(backend)
+            return self._cache
+
+    def check(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now (cached); a bad spec raises InvalidRequestError."""
+        spec = spec_of(params)
+        if spec is None:
+            return
+        try:
+            self.cache.compiled(spec)
+        except GrammarError as e:
+            raise InvalidRequestError(f"sampling_params.{spec.kind}", e.problem) from None
+
+    def matcher(self, params: SamplingParams) -> Matcher | None:
+        spec = spec_of(params)
+        return None if spec is None else self.cache.matcher(spec)
+
+    def mask_logits(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
+        """Logits with each constrained row masked to its grammar (a copy; others untouched)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        bitmask = allocate_bitmask(len(rows), self.vocab_size)
+        for j, i in enumerate(rows):
+            matchers[i].fill_bitmask(bitmask, j)
+        sub = logits[rows]
+        apply_bitmask(sub, bitmask)
+        logits[rows] = sub
+        return logits
+
+    def banned_ids(self, params: SamplingParams) -> list[int]:
+        """Tokens a constrained request may not produce whatever its grammar's mask says:
+        special tokens (its own stop tokens excepted) and, for compact JSON, every token with a
+        control character. JSON allows control characters neither raw inside strings nor as
+        separators; xgrammar's mask was seen letting them into strings."""
+        banned = [i for i in self.special_ids if i not in params.stop_token_ids]
+        if params.json_schema is not None:
+            banned += self.control_ids
+        return banned
+
+    @property
+    def control_ids(self) -> list[int]:
+        """Tokens whose text holds a character below U+0020 (decoded once, on first use)."""
+        with self._lock:
+            if self._control_ids is None:
+                n = min(self.vocab_size, len(self.tokenizer))
+                texts = self.tokenizer.hf.batch_decode([[i] for i in range(n)])
+                self._control_ids = [i for i, t in enumerate(texts)
+                                     if any(ord(c) < 0x20 for c in t) and i not in self.tokenizer.eos_token_ids]
+            return self._control_ids
+
+
+def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:
+    """Whether ``text`` is JSON valid under the schema (formats checked), and the first error."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return False, f"not JSON: {e}"
+    schema = json.loads(schema_text)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    return (True, None) if error is None else (False, error.message)

@@ -1,0 +1,100 @@
+"""Constrained decoding through the engine: every finished output matches its regex or
+validates against its schema, at temperature 1 over several seeds; bad specs are named."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from braid.errors import InvalidRequestError
+from braid.grammar import allocate_bitmask, apply_bitmask
+from tests.engine_helpers import make_engine_model
+
+SAMPLED = {"temperature": 1.0, "max_new_tokens": 80}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_engine_model("llama", tmp_path_factory.mktemp("grammar"))
+
+
+def test_apply_bitmask_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    vocab = 77
+    logits = torch.randn(3, vocab, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 3), generator=g, dtype=torch.int64).to(torch.int32)
+    got = logits.clone()
+    apply_bitmask(got, bitmask)
+    for r in range(3):
+        for t in range(vocab):
+            allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+            assert (got[r, t] == logits[r, t]) if allowed else got[r, t] == float("-inf")
+    full = logits.clone()
+    apply_bitmask(full, allocate_bitmask(3, vocab))
+    assert torch.equal(full, logits)
+
+
+@pytest.mark.parametrize("regex", [r"\d{3}-[a-z]{2,5}", r"(yes|no|maybe)", r"[A-Z][a-z]{1,6} [0-9]{1,2}"])
+def test_regex_outputs_match_in_full(folder, make_engine, regex):
+    eng = make_engine(folder)
+    outs = eng.generate(prompt=["The quick brown"] * 6,
+                        sampling_params=[{**SAMPLED, "regex": regex, "seed": s} for s in range(6)])
+    for o in outs:
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+        assert re.fullmatch(regex, o["text"]), o["text"]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"},
+        "kind": {"enum": ["a", "b", "c"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "ok", "kind", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_outputs_validate(folder, make_engine):
+    eng = make_engine(folder)
+    outs = eng.generate(prompt=["Tokens, caches"] * 6,
+                        sampling_params=[{**SAMPLED, "json_schema": SCHEMA, "seed": s} for s in range(6)])
+    for o in outs:
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+        value = json.loads(o["text"])
+        assert set(value) == {"name", "ok", "kind", "n"} and 0 <= value["n"] <= 99
+        assert o["meta_info"]["valid"] is True and o["meta_info"]["validation_error"] is None
+
+
+def test_cut_by_length_is_reported_invalid(folder, make_engine):
+    eng = make_engine(folder)
+    out = eng.generate(prompt="x", sampling_params={**SAMPLED, "max_new_tokens": 3, "json_schema": SCHEMA,
+                                                    "seed": 1})
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    assert out["meta_info"]["valid"] is False and out["meta_info"]["validation_error"]
+
+
+def test_ebnf_choices(folder, make_engine):
+    eng = make_engine(folder)
+    outs = eng.generate(prompt=["Pick"] * 4, sampling_params=[
+        {**SAMPLED, "ebnf": 'root ::= "red" | "green" | "blue"', "seed": s} for s in range(4)])
+    assert all(o["text"] in {"red", "green", "blue"} for o in outs)
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"json_schema": "{not json"}, "json_schema"),
+    ({"regex": "(unclosed"}, "regex"),
+    ({"ebnf": "root ::= "}, "ebnf"),
+    ({"regex": "a", "json_schema": {"type": "string"}}, "regex"),
+])  # fmt: skip
+def test_bad_specs_name_the_field(folder, make_engine, params, field):
+    eng = make_engine(folder)
+    with pytest.raises(InvalidRequestError) as info:
+        eng.generate(prompt="x", sampling_params={"max_new_tokens": 4, **params})
+    assert field in str(info.value)
+    assert len(eng.generate(prompt="x", sampling_params={"max_new_tokens": 2, "ignore_eos": True})["output_ids"]) == 2
