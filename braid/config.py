@@ -29,6 +29,7 @@ class EngineConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
     grammar_backend: str = _opt("xgrammar", "constrained decoding backend: xgrammar")
+    grammar_compile_timeout: float = _opt(10.0, "seconds a grammar may take to compile before its request fails")
     schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")
     chunked_prefill_size: int = _opt(
         2048, "max prompt tokens in one extend batch; longer prompts are chunked; -1 = off"
@@ -54,6 +55,7 @@ class EngineConfig:
             ("mem_fraction_static", 0.0 < self.mem_fraction_static < 1.0, "in (0, 1)"),
             ("context_len", self.context_len is None or self.context_len >= 2, ">= 2 or unset"),
             ("cpu_threads", self.cpu_threads >= 0, ">= 0"),
+            ("grammar_compile_timeout", self.grammar_compile_timeout > 0, "> 0"),
             ("new_token_ratio", 0.0 <= self.new_token_ratio <= 1.0, "in [0, 1]"),
         ]
         for name, ok, allowed in checks:

@@ -17,15 +17,20 @@ from braid.runtime.sampling_params import SamplingParams
 
 def spec_of(params: SamplingParams) -> GrammarSpec | None:
     c = params.constraint
-    return None if c is None else GrammarSpec(c.kind, c.spec)
+    if c is None:
+        return None
+    if c.kind == "choices":  # one alternative per choice, each a quoted EBNF literal
+        return GrammarSpec("ebnf", "root ::= " + " | ".join(json.dumps(x, ensure_ascii=False) for x in params.choices))
+    return GrammarSpec(c.kind, c.spec)
 
 
 class Constraints:
     """Owned by the Engine; the backend (and its tokenizer tables) is built on first use."""
 
-    def __init__(self, backend_name: str, tokenizer, vocab_size: int) -> None:
+    def __init__(self, backend_name: str, tokenizer, vocab_size: int, compile_timeout_s: float = 10.0) -> None:
         GRAMMAR_BACKENDS.get(backend_name)  # unknown names fail at engine start
         self.backend_name = backend_name
+        self.compile_timeout_s = compile_timeout_s
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
@@ -41,7 +46,7 @@ class Constraints:
             if self._cache is None:
                 backend = GRAMMAR_BACKENDS.create(self.backend_name, self.tokenizer.hf, self.vocab_size,
                                                   sorted(self.tokenizer.eos_token_ids))
-                self._cache = GrammarCache(backend)
+                self._cache = GrammarCache(backend, timeout_s=self.compile_timeout_s)
             return self._cache
 
     def check(self, params: SamplingParams) -> None:
@@ -52,7 +57,7 @@ class Constraints:
         try:
             self.cache.compiled(spec)
         except GrammarError as e:
-            raise InvalidRequestError(f"sampling_params.{spec.kind}", e.problem) from None
+            raise InvalidRequestError(f"sampling_params.{params.constraint.kind}", e.problem) from None
 
     def matcher(self, params: SamplingParams) -> Matcher | None:
         spec = spec_of(params)

@@ -42,7 +42,8 @@ class Engine:
         self.tokenizer = Tokenizer(folder)
         self.runner = ModelRunner(self.config, folder)
         self.model_folder = folder
-        self.constraints = Constraints(self.config.grammar_backend, self.tokenizer, self.runner.info.vocab_size)
+        self.constraints = Constraints(self.config.grammar_backend, self.tokenizer, self.runner.info.vocab_size,
+                                       self.config.grammar_compile_timeout)
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
         self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)

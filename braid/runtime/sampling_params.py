@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from braid.errors import InvalidRequestError
 
-CONSTRAINT_KEYS = ("json_schema", "regex", "ebnf")
+CONSTRAINT_KEYS = ("json_schema", "regex", "ebnf", "choices")
 PENALTY_RANGE = (-2.0, 2.0)
 
 
@@ -24,7 +24,7 @@ class Constraint(NamedTuple):
     """The one grammar constraint of a request: ``kind`` is a key of ``CONSTRAINT_KEYS``."""
 
     kind: str
-    spec: str  # json_schema is always a JSON string here, whatever form the user gave
+    spec: str  # json_schema is always a JSON string here, whatever form the user gave; choices a JSON list
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class SamplingParams:
     json_schema: str | None = None  # constraint: output is JSON valid under this schema
     regex: str | None = None  # constraint: output matches this regular expression
     ebnf: str | None = None  # constraint: output is derived from this EBNF grammar
+    choices: tuple[str, ...] | None = None  # constraint: output is exactly one of these strings
 
     def __post_init__(self) -> None:
         # Normalizing inside construction (before anyone can see the object) keeps one
@@ -113,7 +114,7 @@ class SamplingParams:
         for kind in CONSTRAINT_KEYS:
             spec = getattr(self, kind)
             if spec is not None:
-                return Constraint(kind, spec)
+                return Constraint(kind, json.dumps(list(spec), ensure_ascii=False) if kind == "choices" else spec)
         return None
 
     def validate_token_ids(self, vocab_size: int) -> None:
@@ -142,6 +143,7 @@ class SamplingParams:
         out["json_schema"] = _as_json_schema(self.json_schema)
         for name in ("regex", "ebnf"):
             out[name] = _as_text(name, getattr(self, name))
+        out["choices"] = _as_choices(self.choices)
         return out
 
     def _check_ranges(self) -> None:
@@ -235,6 +237,17 @@ def _as_text(name: str, value: Any) -> str | None:
         raise InvalidRequestError(name, f"expected a str, got {_describe(value)}")
     _require(bool(value), name, "must be a non-empty string")
     return value
+
+
+def _as_choices(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    _require(isinstance(value, (list, tuple)), "choices", f"expected a list of strings, got {_describe(value)}")
+    _require(len(value) > 0, "choices", "must hold at least one string")
+    for c in value:
+        _require(isinstance(c, str) and c != "", "choices", f"every choice must be a non-empty string, got {c!r}")
+    _require(len(set(value)) == len(value), "choices", "choices must be distinct")
+    return tuple(value)
 
 
 def _as_json_schema(value: Any) -> str | None:

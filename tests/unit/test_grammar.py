@@ -98,3 +98,50 @@ def test_bad_specs_name_the_field(folder, make_engine, params, field):
         eng.generate(prompt="x", sampling_params={"max_new_tokens": 4, **params})
     assert field in str(info.value)
     assert len(eng.generate(prompt="x", sampling_params={"max_new_tokens": 2, "ignore_eos": True})["output_ids"]) == 2
+
+
+class _SlowBackend:
+    """Stands in for a backend whose compile hangs; counts compiles."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.compiles = seconds, 0
+
+    def compile(self, spec):
+        import time
+
+        self.compiles += 1
+        time.sleep(self.seconds)
+        return ("compiled", spec.spec)
+
+    def matcher(self, compiled):
+        raise AssertionError("not used")
+
+
+def test_compile_cache_times_out_dedupes_and_bounds():
+    from braid.grammar import GrammarCache, GrammarError, GrammarSpec
+
+    slow = GrammarCache(_SlowBackend(0.5), timeout_s=0.05)
+    with pytest.raises(GrammarError, match="longer than 0.05 s"):
+        slow.compiled(GrammarSpec("regex", "a+"))
+    fast = _SlowBackend(0.0)
+    cache = GrammarCache(fast, max_entries=2)
+    a = GrammarSpec("json_schema", '{"type": "string"}')
+    assert cache.compiled(a) is cache.compiled(a._replace(spec='{ "type":"string" }'))  # canonical key
+    cache.compiled(GrammarSpec("regex", "b"))
+    cache.compiled(GrammarSpec("regex", "c"))  # evicts the least recently used: the schema
+    cache.compiled(a)
+    assert fast.compiles == 4 and cache.hits == 1
+
+
+def test_choices_return_exactly_one_choice(folder, make_engine):
+    eng = make_engine(folder)
+    choices = ["yes", "no", "yes, but", 'say "hi"', "日本"]
+    outs = eng.generate(prompt=["Answer"] * 8, sampling_params=[
+        {**SAMPLED, "choices": choices, "seed": s} for s in range(8)])
+    assert all(o["text"] in choices for o in outs), [o["text"] for o in outs]
+    with pytest.raises(InvalidRequestError, match="choices"):
+        eng.generate(prompt="x", sampling_params={"choices": []})
+    with pytest.raises(InvalidRequestError, match="choices"):
+        eng.generate(prompt="x", sampling_params={"choices": ["a"], "regex": "a"})
