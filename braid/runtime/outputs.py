@@ -74,8 +74,11 @@ class OutputProcessor:
         """Append a sampled token; return why the request finished, if it did, and what matched."""
         p = req.params
         req.output_ids.append(tok)
-        if req.matcher is not None and not req.matcher.accept_token(tok):
-            return FinishReason.ABORT, f"internal error: the grammar rejected sampled token {tok}"
+        if req.matcher is not None:
+            if not req.matcher.accept_token(tok):
+                return FinishReason.ABORT, f"internal error: the grammar rejected sampled token {tok}"
+            if req.matcher.is_terminated():  # the grammar took its stop token: done, even with ignore_eos
+                return FinishReason.EOS, tok
         if tok in p.stop_token_ids:
             return FinishReason.STOP_TOKEN, tok
         if not p.ignore_eos and tok in self.eos_ids:

@@ -145,3 +145,11 @@ def test_choices_return_exactly_one_choice(folder, make_engine):
         eng.generate(prompt="x", sampling_params={"choices": []})
     with pytest.raises(InvalidRequestError, match="choices"):
         eng.generate(prompt="x", sampling_params={"choices": ["a"], "regex": "a"})
+
+
+def test_a_finished_grammar_ends_the_request_even_with_ignore_eos(folder, make_engine):
+    eng = make_engine(folder)
+    outs = eng.generate(prompt=["Pick"] * 4, sampling_params=[
+        {**SAMPLED, "regex": "(ab|cd)", "ignore_eos": True, "seed": s} for s in range(4)])
+    for o in outs:
+        assert o["text"] in {"ab", "cd"} and o["meta_info"]["finish_reason"]["type"] == "stop"
