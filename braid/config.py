@@ -29,6 +29,7 @@ class EngineConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
     grammar_backend: str = _opt("xgrammar", "constrained decoding backend: xgrammar")
+    disable_jump_forward: bool = _opt(False, "append grammar-forced text token by token instead of in one step")
     grammar_compile_timeout: float = _opt(10.0, "seconds a grammar may take to compile before its request fails")
     schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")
     chunked_prefill_size: int = _opt(

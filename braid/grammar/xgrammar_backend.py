@@ -26,7 +26,10 @@ class XGrammarMatcher:
         return bool(self._m.is_terminated())
 
     def forced_string(self) -> str:
-        return self._m.find_jump_forward_string()
+        try:
+            return self._m.find_jump_forward_string()
+        except UnicodeDecodeError:  # the forced bytes start inside a character: no jump this step
+            return ""
 
 
 class XGrammarBackend:

@@ -83,6 +83,12 @@ class OutputProcessor:
             return FinishReason.STOP_TOKEN, tok
         if not p.ignore_eos and tok in self.eos_ids:
             return FinishReason.EOS, tok
+        reason = self._text_and_length(req, tok, context_len)
+        if reason[0] is None and req.matcher is not None and req.jump_forward:
+            return self._jump_forward(req, context_len)
+        return reason
+
+    def _text_and_length(self, req: Req, tok: int, context_len: int) -> tuple[FinishReason | None, object]:
         if req.decoder is not None:
             step = req.decoder.push(tok)
             req.pending_text += step.delta
@@ -90,6 +96,24 @@ class OutputProcessor:
                 return FinishReason.STOP_STR, step.stop_matched
         if req.remaining_new_tokens == 0 or req.seq_len >= context_len:
             return FinishReason.LENGTH, None
+        return None, None
+
+    def _jump_forward(self, req: Req, context_len: int) -> tuple[FinishReason | None, object]:
+        """Append the text the grammar forces next as tokens at once (their K/V is computed by
+        the next pass as one extend), instead of one decode step per token. The forced text is
+        tokenized on its own; only the tokens the grammar accepts are taken, so the output stays
+        a sequence the token-by-token decoder could also have produced."""
+        forced = req.matcher.forced_string()
+        if not forced:
+            return None, None
+        for tok in self.tokenizer.encode(forced)[: max(0, req.remaining_new_tokens - 1)]:
+            if not req.matcher.accept_token(tok):
+                break
+            req.output_ids.append(tok)
+            req.jumped_tokens += 1
+            reason = self._text_and_length(req, tok, context_len)
+            if reason[0] is not None:
+                return reason
         return None, None
 
     def emit_progress(self, req: Req) -> None:
@@ -129,6 +153,7 @@ class OutputProcessor:
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(req.output_ids),
             "cached_tokens": req.cached_tokens,
+            "jump_forward_tokens": req.jumped_tokens,
             "finish_reason": req.finish_reason_dict(),
         }
         if req.return_logprob:

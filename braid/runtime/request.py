@@ -55,6 +55,8 @@ class Req:
     decoder: Any = None  # IncrementalDecoder
     generator: torch.Generator | None = None
     matcher: Any = None  # grammar.Matcher of a constrained request
+    jump_forward: bool = False  # append grammar-forced text in one extend (see OutputProcessor)
+    jumped_tokens: int = 0
     output_logprobs: list[tuple[float, int, Any]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int, Any]]] = field(default_factory=list)
     input_logprobs: list[tuple[float | None, int, Any]] = field(default_factory=list)

@@ -55,6 +55,7 @@ class SamplingParams:
     regex: str | None = None  # constraint: output matches this regular expression
     ebnf: str | None = None  # constraint: output is derived from this EBNF grammar
     choices: tuple[str, ...] | None = None  # constraint: output is exactly one of these strings
+    jump_forward: bool = True  # with a constraint: append text the grammar forces in one step
 
     def __post_init__(self) -> None:
         # Normalizing inside construction (before anyone can see the object) keeps one
@@ -135,7 +136,7 @@ class SamplingParams:
             out[name] = _as_int(name, getattr(self, name))
         for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             out[name] = _as_float(name, getattr(self, name))
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "jump_forward"):
             out[name] = _as_bool(name, getattr(self, name))
         out["seed"] = None if self.seed is None else _as_int("seed", self.seed)
         out["stop"] = _as_stop(self.stop)

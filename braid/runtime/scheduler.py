@@ -128,6 +128,8 @@ class Scheduler:
                                              prompt_tail_ids=req.prompt_ids[-PROMPT_TAIL:])
         if req.max_new_tokens > 0:  # compiled already by the front: a cache hit
             req.matcher = self.constraints.matcher(params)
+        # forced tokens are not sampled, so they have no logprobs: jump only when none are asked
+        req.jump_forward = params.jump_forward and not self.config.disable_jump_forward and not msg.return_logprob
         req.generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         req.arrival = self._arrivals
         self._arrivals += 1
@@ -242,23 +244,28 @@ class Scheduler:
         self._sample_and_advance(done, logits[plan.sample_rows] if done else None)
 
     def _run_decode(self) -> None:
+        """One token for every running request; a request that jumped forward over a string its
+        grammar forced has several uncomputed tokens, and the pass becomes a ragged extend."""
         self._make_room_for_decode()
         reqs = list(self.running)
         if not reqs:
             return
         for req in reqs:
-            self.kv.extend(req, 1)
-            req.extend_len = 1
-        fb = build_decode_batch(reqs, self.kv.req_pool.table, self.runner.device)
-        logits = self.runner.forward(fb)
+            req.extend_len = req.seq_len - req.kv_len
+            self.kv.extend(req, req.extend_len)
+        if all(req.extend_len == 1 for req in reqs):
+            logits = self.runner.forward(build_decode_batch(reqs, self.kv.req_pool.table, self.runner.device))
+        else:
+            fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
+            logits = self.runner.forward(fb)[plan.sample_rows]
         for req in reqs:
-            req.kv_len += 1
+            req.kv_len += req.extend_len
             req.extend_len = 0
         self._sample_and_advance(reqs, logits)
 
     def _make_room_for_decode(self) -> None:
-        """Retract the newest requests until every running request gets one slot."""
-        while self.running and not self.kv.can_allocate(len(self.running)):
+        """Retract the newest requests until every running request gets its slots."""
+        while self.running and not self.kv.can_allocate(sum(r.seq_len - r.kv_len for r in self.running)):
             victim = max(self.running, key=lambda r: r.arrival)
             self.running.remove(victim)
             self._retract(victim)

@@ -153,3 +153,30 @@ def test_a_finished_grammar_ends_the_request_even_with_ignore_eos(folder, make_e
         {**SAMPLED, "regex": "(ab|cd)", "ignore_eos": True, "seed": s} for s in range(4)])
     for o in outs:
         assert o["text"] in {"ab", "cd"} and o["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "regex"])
+def test_jump_forward_on_and_off_both_valid(folder, make_engine, kind):
+    """(Every other test here runs with jump-forward on, the default, at temperature 1.)"""
+    eng = make_engine(folder)
+    spec = SCHEMA if kind == "json_schema" else r'\{"key": "(a|b)[0-9]{2}", "other": (true|false)\}'
+    params = {"temperature": 0.0, "max_new_tokens": 80, kind: spec}
+    on = eng.generate(prompt="Tokens, caches", sampling_params=params)
+    off = eng.generate(prompt="Tokens, caches", sampling_params={**params, "jump_forward": False})
+    assert on["meta_info"]["jump_forward_tokens"] > 0 and off["meta_info"]["jump_forward_tokens"] == 0
+    for out in (on, off):
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
+        if kind == "json_schema":
+            assert out["meta_info"]["valid"], out
+        else:
+            assert re.fullmatch(spec, out["text"]), out["text"]
+    # Greedy texts may differ: jumped text is tokenized canonically, while a random-weight model
+    # spells forced text token by token in arbitrary pieces (docs/architecture.md).
+
+
+def test_jump_forward_is_off_when_logprobs_are_asked(folder, make_engine):
+    eng = make_engine(folder)
+    out = eng.generate(prompt="x", sampling_params={"temperature": 0.0, "max_new_tokens": 60, "json_schema": SCHEMA},
+                       return_logprob=True)
+    assert out["meta_info"]["jump_forward_tokens"] == 0
+    assert len(out["meta_info"]["output_token_logprobs"]) == out["meta_info"]["completion_tokens"]
