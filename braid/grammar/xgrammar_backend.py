@@ -40,8 +40,8 @@ class XGrammarBackend:
     def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         try:
             import xgrammar as xgr
-        except ImportError as e:  # a declared dependency; say what to install if it is missing
-            raise GrammarError("grammar_backend", "xgrammar is not installed: pip install xgrammar") from e
+        except ImportError as e:  # a declared dependency; say what is missing and how to install it
+            raise GrammarError("grammar_backend", f"xgrammar cannot be imported ({e}): pip install xgrammar") from e
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
