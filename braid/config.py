@@ -28,7 +28,9 @@ class EngineConfig:
     dtype: str = _opt("auto", "weights/KV dtype: auto | float32 | bfloat16 | float16 (auto = float32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
-    grammar_backend: str = _opt("xgrammar", "constrained decoding backend: xgrammar")
+    grammar_backend: str = _opt(
+        "xgrammar", "constrained decoding backend: xgrammar | outlines, or a fallback order: xgrammar,outlines"
+    )
     disable_jump_forward: bool = _opt(False, "append grammar-forced text token by token instead of in one step")
     grammar_compile_timeout: float = _opt(10.0, "seconds a grammar may take to compile before its request fails")
     schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest cached prefix first) | fcfs")

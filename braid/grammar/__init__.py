@@ -5,6 +5,7 @@ Depends on no other part of braid except the shared name registry.
 
 from __future__ import annotations
 
+from braid.errors import InvalidRequestError
 from braid.grammar.base import (
     KINDS,
     GrammarBackend,
@@ -12,9 +13,9 @@ from braid.grammar.base import (
     GrammarSpec,
     Matcher,
     allocate_bitmask,
-    apply_bitmask,
 )
 from braid.grammar.cache import GrammarCache
+from braid.grammar.fallback import FallbackBackend, split_names
 from braid.registry import Registry
 
 GRAMMAR_BACKENDS: Registry[GrammarBackend] = Registry("grammar backend")
@@ -27,7 +28,30 @@ def _xgrammar(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> Gramm
     return XGrammarBackend(hf_tokenizer, vocab_size, stop_token_ids)
 
 
+@GRAMMAR_BACKENDS.register("outlines")
+def _outlines(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
+    from braid.grammar.outlines_backend import OutlinesBackend
+
+    return OutlinesBackend(hf_tokenizer, vocab_size, stop_token_ids)
+
+
 __all__ = [
     "GRAMMAR_BACKENDS", "KINDS", "GrammarBackend", "GrammarCache", "GrammarError", "GrammarSpec", "Matcher",
-    "allocate_bitmask", "apply_bitmask",
+    "allocate_bitmask", "check_backend_names", "create_backend",
 ]  # fmt: skip
+
+
+def check_backend_names(names: str) -> None:
+    """``names`` is one backend or a comma-separated fallback order; raises UnknownNameError
+    (listing the known names) for an unknown one."""
+    parts = split_names(names)
+    if not parts:
+        raise InvalidRequestError("grammar_backend", "names no backend")
+    for name in parts:
+        GRAMMAR_BACKENDS.get(name)
+
+
+def create_backend(names: str, hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
+    check_backend_names(names)
+    backends = [GRAMMAR_BACKENDS.create(n, hf_tokenizer, vocab_size, stop_token_ids) for n in split_names(names)]
+    return backends[0] if len(backends) == 1 else FallbackBackend(backends)

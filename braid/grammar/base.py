@@ -68,19 +68,3 @@ def bitmask_words(vocab_size: int) -> int:
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """``(rows, ceil(V / 32))`` int32, every token allowed."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set the logits of disallowed tokens to -inf, in place (torch reference, any device).
-
-    ``logits`` ``(B, V)``, ``bitmask`` ``(B, ceil(V / 32))`` int32 with bit ``t % 32`` of word
-    ``t // 32`` set when token ``t`` is allowed.
-    """
-    assert logits.dim() == 2 and bitmask.dim() == 2, f"shapes {tuple(logits.shape)} {tuple(bitmask.shape)}"
-    assert bitmask.shape[0] == logits.shape[0], f"{bitmask.shape[0]} mask rows for {logits.shape[0]} logits rows"
-    vocab = logits.shape[1]
-    assert bitmask.shape[1] >= bitmask_words(vocab), f"bitmask too narrow for vocab {vocab}"
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    words = bitmask.to(logits.device)
-    allowed = ((words[:, :, None] >> bits) & 1).bool().reshape(logits.shape[0], -1)[:, :vocab]
-    logits.masked_fill_(~allowed, float("-inf"))

@@ -17,10 +17,11 @@ from braid.grammar.base import GrammarBackend, GrammarError, GrammarSpec, Matche
 
 
 def canonical(spec: GrammarSpec) -> GrammarSpec:
-    """Equal JSON schemas written differently share one cache entry."""
+    """Equal JSON schemas spaced differently share one cache entry. Key order is kept: the order
+    of ``properties`` is the order of the output's keys."""
     if spec.kind == "json_schema":
         try:
-            return spec._replace(spec=json.dumps(json.loads(spec.spec), sort_keys=True, separators=(",", ":")))
+            return spec._replace(spec=json.dumps(json.loads(spec.spec), separators=(",", ":")))
         except json.JSONDecodeError:
             return spec  # the backend reports it
     return spec

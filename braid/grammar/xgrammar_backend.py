@@ -7,6 +7,7 @@ import json
 import torch
 
 from braid.grammar.base import GrammarError, GrammarSpec
+from braid.grammar.regex_check import normalize_regex
 
 
 class XGrammarMatcher:
@@ -14,7 +15,10 @@ class XGrammarMatcher:
         self._m = matcher
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self._m.fill_next_token_bitmask(bitmask, row)
+        if self._m.is_terminated():  # xgrammar refuses to fill a mask then: nothing is allowed
+            bitmask[row].zero_()
+        else:
+            self._m.fill_next_token_bitmask(bitmask, row)
 
     def accept_token(self, token_id: int) -> bool:
         return bool(self._m.accept_token(token_id))
@@ -49,7 +53,7 @@ class XGrammarBackend:
     def compile(self, spec: GrammarSpec):
         try:
             if spec.kind == "regex":
-                return self._compiler.compile_regex(spec.spec)
+                return self._compiler.compile_regex(normalize_regex(spec.spec))
             if spec.kind == "json_schema":
                 json.loads(spec.spec)  # a clear error for invalid JSON before xgrammar's own
                 return self._compiler.compile_json_schema(

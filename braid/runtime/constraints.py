@@ -10,8 +10,16 @@ import threading
 import torch
 
 from braid.errors import InvalidRequestError
-from braid.grammar import GRAMMAR_BACKENDS, GrammarCache, GrammarError, GrammarSpec, Matcher, apply_bitmask
+from braid.grammar import (
+    GrammarCache,
+    GrammarError,
+    GrammarSpec,
+    Matcher,
+    check_backend_names,
+    create_backend,
+)
 from braid.grammar.base import allocate_bitmask
+from braid.runtime.kernels.bitmask import apply_bitmask
 from braid.runtime.sampling_params import SamplingParams
 
 
@@ -19,22 +27,32 @@ def spec_of(params: SamplingParams) -> GrammarSpec | None:
     c = params.constraint
     if c is None:
         return None
-    if c.kind == "choices":  # one alternative per choice, each a quoted EBNF literal
-        return GrammarSpec("ebnf", "root ::= " + " | ".join(json.dumps(x, ensure_ascii=False) for x in params.choices))
-    return GrammarSpec(c.kind, c.spec)
+    if c.kind == "choices":  # a regex every backend can compile: one literal alternative per choice
+        return GrammarSpec("regex", choices_regex(params.choices))
+    return GrammarSpec(c.kind, c.spec, any_whitespace=params.any_whitespace)
+
+
+def choices_regex(choices: tuple[str, ...]) -> str:
+    """Longest choices first: outlines-core's index keeps only the first alternative that matches
+    (``ab|abc`` never yields ``abc``), so a choice that is a prefix of another must come after it."""
+    ordered = sorted(set(choices), key=lambda x: (-len(x), x))
+    return "(?:" + "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in x) for x in ordered) + ")"
+
+
+_REGEX_META = frozenset("\\.^$|?*+()[]{}")
 
 
 class Constraints:
     """Owned by the Engine; the backend (and its tokenizer tables) is built on first use."""
 
     def __init__(self, backend_name: str, tokenizer, vocab_size: int, compile_timeout_s: float = 10.0) -> None:
-        GRAMMAR_BACKENDS.get(backend_name)  # unknown names fail at engine start
+        check_backend_names(backend_name)  # unknown names fail at engine start
         self.backend_name = backend_name
         self.compile_timeout_s = compile_timeout_s
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
-        self._control_ids: list[int] | None = None
+        self._control_ids: tuple[list[int], list[int]] | None = None
         self._lock = threading.Lock()
         eos = set(tokenizer.eos_token_ids)
         # special tokens never appear inside constrained text, whatever a backend's mask says
@@ -44,8 +62,8 @@ class Constraints:
     def cache(self) -> GrammarCache:
         with self._lock:
             if self._cache is None:
-                backend = GRAMMAR_BACKENDS.create(self.backend_name, self.tokenizer.hf, self.vocab_size,
-                                                  sorted(self.tokenizer.eos_token_ids))
+                backend = create_backend(self.backend_name, self.tokenizer.hf, self.vocab_size,
+                                         sorted(self.tokenizer.eos_token_ids))
                 self._cache = GrammarCache(backend, timeout_s=self.compile_timeout_s)
             return self._cache
 
@@ -63,39 +81,43 @@ class Constraints:
         spec = spec_of(params)
         return None if spec is None else self.cache.matcher(spec)
 
-    def mask_logits(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
-        """Logits with each constrained row masked to its grammar (a copy; others untouched)."""
+    def mask_logits(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> None:
+        """Mask each constrained row of ``logits`` to its grammar, in place (the Triton kernel on
+        CUDA); unconstrained rows are neither read nor written and cost nothing."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
-            return logits
-        logits = logits.clone()
+            return
         bitmask = allocate_bitmask(len(rows), self.vocab_size)
         for j, i in enumerate(rows):
             matchers[i].fill_bitmask(bitmask, j)
-        sub = logits[rows]
-        apply_bitmask(sub, bitmask)
-        logits[rows] = sub
-        return logits
+        index = None if len(rows) == logits.shape[0] else torch.tensor(rows, dtype=torch.int32)
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+            index = None if index is None else index.to(logits.device, non_blocking=True)
+        apply_bitmask(logits, bitmask, index)
 
     def banned_ids(self, params: SamplingParams) -> list[int]:
         """Tokens a constrained request may not produce whatever its grammar's mask says:
-        special tokens (its own stop tokens excepted) and, for compact JSON, every token with a
-        control character. JSON allows control characters neither raw inside strings nor as
-        separators; xgrammar's mask was seen letting them into strings."""
+        special tokens (its own stop tokens excepted) and, for JSON, every token with a control
+        character (for free-whitespace JSON: but tokens that are only whitespace). JSON allows
+        control characters neither raw inside strings nor as separators; xgrammar's mask was seen
+        letting them into strings."""
         banned = [i for i in self.special_ids if i not in params.stop_token_ids]
         if params.json_schema is not None:
-            banned += self.control_ids
+            banned += self.control_ids[1] if params.any_whitespace else self.control_ids[0]
         return banned
 
     @property
-    def control_ids(self) -> list[int]:
-        """Tokens whose text holds a character below U+0020 (decoded once, on first use)."""
+    def control_ids(self) -> tuple[list[int], list[int]]:
+        """Tokens whose text holds a character below U+0020, and those of them that are not only
+        JSON whitespace (decoded once, on first use)."""
         with self._lock:
             if self._control_ids is None:
                 n = min(self.vocab_size, len(self.tokenizer))
                 texts = self.tokenizer.hf.batch_decode([[i] for i in range(n)])
-                self._control_ids = [i for i, t in enumerate(texts)
-                                     if any(ord(c) < 0x20 for c in t) and i not in self.tokenizer.eos_token_ids]
+                control = [i for i, t in enumerate(texts)
+                           if any(ord(c) < 0x20 for c in t) and i not in self.tokenizer.eos_token_ids]
+                self._control_ids = (control, [i for i in control if texts[i].strip(" \t\n\r")])
             return self._control_ids
 
 

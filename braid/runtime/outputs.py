@@ -27,7 +27,7 @@ class OutputProcessor:
     # ---- sampling -------------------------------------------------------------------------------
     def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> list[int]:
         inputs = [self._sampling_input(r, shared_generator) for r in reqs]
-        logits = self.constraints.mask_logits(logits, [r.matcher for r in reqs])
+        self.constraints.mask_logits(logits, [r.matcher for r in reqs])  # logits: this step's own copy
         out = sample(logits, inputs)
         for i, req in enumerate(reqs):
             if req.return_logprob:

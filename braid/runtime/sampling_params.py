@@ -56,6 +56,7 @@ class SamplingParams:
     ebnf: str | None = None  # constraint: output is derived from this EBNF grammar
     choices: tuple[str, ...] | None = None  # constraint: output is exactly one of these strings
     jump_forward: bool = True  # with a constraint: append text the grammar forces in one step
+    any_whitespace: bool = False  # with json_schema: allow free whitespace runs (off: compact JSON)
 
     def __post_init__(self) -> None:
         # Normalizing inside construction (before anyone can see the object) keeps one
@@ -136,7 +137,7 @@ class SamplingParams:
             out[name] = _as_int(name, getattr(self, name))
         for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             out[name] = _as_float(name, getattr(self, name))
-        for name in ("ignore_eos", "skip_special_tokens", "jump_forward"):
+        for name in ("ignore_eos", "skip_special_tokens", "jump_forward", "any_whitespace"):
             out[name] = _as_bool(name, getattr(self, name))
         out["seed"] = None if self.seed is None else _as_int("seed", self.seed)
         out["stop"] = _as_stop(self.stop)
@@ -166,6 +167,8 @@ class SamplingParams:
         _require(self.repetition_penalty > 0.0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         _require(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         given = [k for k in CONSTRAINT_KEYS if getattr(self, k) is not None]
+        _require(not self.any_whitespace or self.json_schema is not None, "any_whitespace",
+                 "applies only to json_schema output, and no json_schema was given")
         if len(given) > 1:
             raise InvalidRequestError(
                 given[-1], f"at most one of {', '.join(CONSTRAINT_KEYS)} may be given, got {', '.join(given)}"

@@ -1,0 +1,204 @@
+"""The grammar backends against each other and against the contract in braid/grammar/base.py,
+on the default model's tokenizer (49,152 tokens, byte-level BPE): the same spec gives the same
+masks on xgrammar and outlines along random walks, matchers roll back and terminate alike, and
+bad regexes get the same named error whichever backend would compile them."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from braid.errors import InvalidRequestError, UnknownNameError
+from braid.grammar import GrammarError, GrammarSpec, allocate_bitmask, create_backend
+from braid.grammar.regex_check import normalize_regex
+from braid.grammar.vocab import token_bytes
+
+BACKENDS = ["xgrammar", "outlines"]
+STOPS = [0, 2]  # <|endoftext|>, <|im_end|>
+
+
+@pytest.fixture(scope="module")
+def hf_tok(smollm2_hf_dir):
+    from braid.runtime.tokenizer import Tokenizer
+
+    return Tokenizer(smollm2_hf_dir).hf
+
+
+@pytest.fixture(scope="module")
+def backends(hf_tok):
+    return {name: create_backend(name, hf_tok, len(hf_tok), STOPS) for name in BACKENDS}
+
+
+def allowed(matcher, vocab: int) -> set[int]:
+    mask = allocate_bitmask(1, vocab)
+    mask.zero_()
+    matcher.fill_bitmask(mask, 0)
+    bits = (mask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return set(torch.nonzero(bits.reshape(-1)[:vocab]).flatten().tolist())
+
+
+def test_token_bytes_spell_every_encoding(hf_tok):
+    table = token_bytes(hf_tok, len(hf_tok))
+    assert all(table[i] is None for i in hf_tok.all_special_ids)
+    for text in ['{"a": [1, 2.5e-3]}', "naïve 日本語 🙂\n\tend", "  two  spaces"]:
+        ids = hf_tok.encode(text, add_special_tokens=False)
+        assert b"".join(table[i] for i in ids) == text.encode()
+
+
+def test_token_bytes_of_a_sentencepiece_vocabulary():
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(["hello world, the quick brown fox"] * 20, vocab_size=60, min_frequency=1)
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    table = token_bytes(tok, len(tok))
+    ids = tok.encode("hello quick fox", add_special_tokens=False)
+    assert b"".join(table[i] for i in ids) == b" hello quick fox"  # the metaspace prefix is a space
+
+
+@pytest.mark.parametrize("regex, problem", [
+    ("(unclosed", "not a valid regular expression"),
+    ("[z-a]", "bad character range"),
+    ("a{3,1}", "not a valid regular expression"),
+    ("(?=a)b", "lookaround at position 0"),
+    ("x(?<!y)", "lookaround at position 1"),
+    (r"(a)\1", "backreferences"),
+    (r"\bword", "word boundaries"),
+    ("a|^b", "anchor '^' at position 2"),
+    ("", "non-empty"),
+])  # fmt: skip
+def test_bad_regexes_are_named_before_any_backend(backends, regex, problem):
+    for backend in backends.values():
+        with pytest.raises(GrammarError, match=re.escape(problem)) as info:
+            backend.compile(GrammarSpec("regex", regex))
+        assert info.value.field == "regex"
+
+
+def test_redundant_anchors_are_dropped_and_shorthands_mean_ascii(backends, hf_tok):
+    assert normalize_regex("^[0-9]+$") == "[0-9]+"
+    assert normalize_regex(r"[$^]x\$") == r"[$^]x\$"  # in a class or escaped: literal characters
+    assert normalize_regex(r"[^]a]+") == r"[^]a]+"
+    assert normalize_regex(r"\d[\w.]\S") == r"[0-9][0-9A-Za-z_.][^ \t\n\r\f\v]"
+    arabic_three = hf_tok.encode("٣", add_special_tokens=False)
+    for backend in backends.values():
+        m = backend.matcher(backend.compile(GrammarSpec("regex", r"\d{1,3}")))
+        assert not m.accept_token(arabic_three[0])
+
+
+SPECS = [
+    GrammarSpec("regex", r"\d{3}-[a-z]{2,5}"),
+    GrammarSpec("regex", r"[A-Z][a-z]{1,6} (is|was) [0-9]{1,2}\."),
+    GrammarSpec("json_schema", json.dumps({
+        "type": "object", "additionalProperties": False, "required": ["name", "tags", "ok"],
+        "properties": {"name": {"type": "string", "maxLength": 5}, "ok": {"type": "boolean"},
+                       "tags": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 2}},
+    })),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["digits", "sentence", "schema"])
+def test_both_backends_give_the_same_masks_along_random_walks(backends, hf_tok, spec):
+    """A mask is the set of tokens that keep the text a prefix of something the spec accepts:
+    two correct backends agree on it exactly. For JSON strings they differ in known ways only:
+    xgrammar lets raw C0 control characters in (invalid JSON: the engine bans those tokens) and
+    DEL/C1 ones (valid JSON, refused by outlines-core's string pattern); outlines-core allows
+    escapes that xgrammar refuses (tokens ending inside an escape, ``{\\``; escapes in a string
+    under maxLength)."""
+    vocab = len(hf_tok)
+    table = token_bytes(hf_tok, vocab)
+    rng = random.Random(0)
+    for _walk in range(3):
+        matchers = {name: b.matcher(b.compile(spec)) for name, b in backends.items()}
+        for _step in range(40):
+            masks = {name: allowed(m, vocab) for name, m in matchers.items()}
+            only_x, only_o = masks["xgrammar"] - masks["outlines"], masks["outlines"] - masks["xgrammar"]
+            if spec.kind == "json_schema":
+                only_x = {t for t in only_x if not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
+                                                      for c in table[t].decode(errors="ignore"))}
+                only_o = {t for t in only_o if b"\\" not in table[t]}
+            assert not only_x and not only_o, ([hf_tok.decode([t]) for t in sorted(only_x)[:10]],
+                                               [hf_tok.decode([t]) for t in sorted(only_o)[:10]])
+            tok = rng.choice(sorted(masks["xgrammar"] & masks["outlines"]))
+            assert all(m.accept_token(tok) for m in matchers.values())
+            if tok in STOPS:
+                assert all(m.is_terminated() for m in matchers.values())
+                break
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_matcher_contract(backends, hf_tok, name):
+    backend = backends[name]
+    m = backend.matcher(backend.compile(GrammarSpec("regex", "(ab|cd)[0-9]")))
+    ab, five, x = (hf_tok.convert_tokens_to_ids(t) for t in ("ab", "5", "x"))
+    assert not m.accept_token(x) and not m.accept_token(2)  # refused tokens leave the state alone
+    assert m.accept_token(ab) and not m.is_terminated()
+    assert allowed(m, len(hf_tok)) == {hf_tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    assert m.accept_token(five) and allowed(m, len(hf_tok)) == set(STOPS)
+    assert m.accept_token(2) and m.is_terminated() and allowed(m, len(hf_tok)) == set()
+    m.rollback(2)
+    assert not m.is_terminated() and m.accept_token(five) and m.accept_token(0) and m.is_terminated()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_forced_strings(backends, hf_tok, name):
+    backend = backends[name]
+    m = backend.matcher(backend.compile(SPECS[2]))
+    assert m.forced_string() == '{"name":"'
+    for tok in hf_tok.encode('{"name":"bo"', add_special_tokens=False):
+        assert m.accept_token(tok)
+    assert m.forced_string() == ',"ok":'  # the schema's property order
+    m = backend.matcher(backend.compile(GrammarSpec("regex", "(ab|cd)[0-9]")))
+    assert m.forced_string() == ""
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_free_whitespace_is_per_spec(backends, hf_tok, name):
+    backend = backends[name]
+    space, newline = hf_tok.convert_tokens_to_ids("Ġ"), hf_tok.convert_tokens_to_ids("Ċ")
+    for free in (False, True):
+        m = backend.matcher(backend.compile(SPECS[2]._replace(any_whitespace=free)))
+        assert m.accept_token(hf_tok.convert_tokens_to_ids("{"))
+        mask = allowed(m, len(hf_tok))
+        assert (space in mask and newline in mask) is free
+
+
+def test_outlines_cannot_do_ebnf_and_a_fallback_order_can(backends, hf_tok):
+    ebnf = GrammarSpec("ebnf", 'root ::= "red" | "green"')
+    with pytest.raises(GrammarError, match="outlines backend cannot compile 'ebnf'"):
+        backends["outlines"].compile(ebnf)
+    chain = create_backend("outlines, xgrammar", hf_tok, len(hf_tok), STOPS)
+    m = chain.matcher(chain.compile(ebnf))
+    assert all(m.accept_token(t) for t in hf_tok.encode("red", add_special_tokens=False))
+    with pytest.raises(GrammarError, match="outlines: .*; xgrammar: ") as info:
+        chain.compile(GrammarSpec("ebnf", "root ::= "))
+    assert info.value.field == "ebnf"
+    with pytest.raises(UnknownNameError, match="nope"):
+        create_backend("xgrammar,nope", hf_tok, len(hf_tok), STOPS)
+    with pytest.raises(InvalidRequestError, match="grammar_backend"):
+        create_backend(" , ", hf_tok, len(hf_tok), STOPS)
+
+
+def test_any_whitespace_needs_a_json_schema():
+    from braid.runtime.sampling_params import SamplingParams
+
+    with pytest.raises(InvalidRequestError, match="any_whitespace"):
+        SamplingParams(any_whitespace=True, regex="a+")
+    assert SamplingParams(any_whitespace=True, json_schema={"type": "string"}).any_whitespace
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "string", "format": "uri"}, '"https://a.example/x"', '"not a uri"'),
+    ({"type": "string", "format": "date-time"}, '"2026-11-21T10:00:00Z"', '"yesterday"'),
+    ({"type": "string", "format": "email"}, '"a@b.example"', '"a.b"'),
+])  # fmt: skip
+def test_validation_checks_formats(schema, good, bad):
+    from braid.runtime.constraints import validate_json
+
+    assert validate_json(good, json.dumps(schema)) == (True, None)
+    ok, error = validate_json(bad, json.dumps(schema))
+    assert not ok and schema["format"] in error
