@@ -1,0 +1,153 @@
+"""Constrained decoding on the GPU: the per-step cost of grammar masking, and what jump-forward
+buys, on a random Llama-3.1-8B-shaped bf16 model (SmolLM2's tokenizer, so the grammars are real).
+
+    python -m benchmarks.grammar_gpu [--model DIR] [--batches 1,16,64] [--backends xgrammar,outlines]
+
+(1) Masking cost: `batch` requests decode `out` tokens greedily, unconstrained (ignore_eos) and
+    under a JSON schema whose one string field outlasts `out` (jump-forward off, so every step
+    is a masked decode step). Reported: seconds per decode step for each and the overhead.
+(2) Jump-forward: one request under a schema with long fixed keys, greedy, end-to-end latency
+    with jump-forward on and off (median of 3), beside transformers' `generate` with xgrammar's
+    logits processor on the same model and schema (the usual peer setup).
+The floor is the time to read the weights once at the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, param_bytes, sync
+
+REPEATS = 3
+LONG_STRING = {"type": "object", "properties": {"text": {"type": "string"}},
+               "required": ["text"], "additionalProperties": False}  # fmt: skip
+_KEYS = ["customer_billing_address_first_line", "customer_billing_address_postal_code",
+         "shipment_requested_delivery_window", "invoice_payment_terms_and_conditions",
+         "purchase_order_reference_identifier", "warehouse_dispatch_confirmation_flag"]  # fmt: skip
+FIXED_KEYS = {
+    "type": "object", "additionalProperties": False, "required": _KEYS,
+    "properties": {k: ({"type": "boolean"} if k.endswith("flag") else {"enum": ["standard", "express", "none"]})
+                   for k in _KEYS},
+}  # fmt: skip
+
+
+def timed(fn) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float]:
+    """(seconds per step unconstrained, seconds per step constrained) for ``batch`` rows."""
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(1, vocab, (batch, 32), generator=g).tolist()
+    free = {"max_new_tokens": n_out, "temperature": 0, "ignore_eos": True}
+    tied = {"max_new_tokens": n_out, "temperature": 0, "json_schema": LONG_STRING, "jump_forward": False}
+    eng.generate(input_ids=prompts, sampling_params={**tied, "max_new_tokens": 4})  # compile + warm up
+
+    def run(params):
+        eng.flush_cache()
+        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        return max(o["meta_info"]["completion_tokens"] for o in outs)
+
+    t_free, steps_free = timed(lambda: run(free))
+    t_tied, steps_tied = timed(lambda: run(tied))
+    return t_free / steps_free, t_tied / steps_tied
+
+
+def jump_rows(eng, n_out: int) -> dict[str, tuple[float, int, int]]:
+    """label -> (seconds, completion tokens, jumped tokens) for one greedy request."""
+    out = {}
+    for label, jump in (("jump-forward on", True), ("jump-forward off", False)):
+        params = {"max_new_tokens": n_out, "temperature": 0, "json_schema": FIXED_KEYS, "jump_forward": jump}
+        eng.generate(prompt="Extract the order:", sampling_params=params)
+        t, o = timed(lambda p=params: eng.generate(prompt="Extract the order:", sampling_params=p))
+        out[label] = (t, o["meta_info"]["completion_tokens"], o["meta_info"]["jump_forward_tokens"])
+        assert o["meta_info"]["valid"], o
+    return out
+
+
+def hf_xgrammar_latency(model_dir: str, n_out: int, device: torch.device) -> tuple[float, int]:
+    import xgrammar as xgr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=model.config.vocab_size)
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(FIXED_KEYS), any_whitespace=False)
+    ids = tok("Extract the order:", return_tensors="pt").input_ids.to(device)
+
+    def run():
+        proc = xgr.contrib.hf.LogitsProcessor(grammar)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n_out, do_sample=False, logits_processor=[proc],
+                                 pad_token_id=0, eos_token_id=tok.eos_token_id,
+                                 attention_mask=torch.ones_like(ids))
+        sync(device)
+        return out.shape[1] - ids.shape[1]
+
+    run()
+    return timed(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/llama31-8b-random")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--backends", default="xgrammar,outlines")
+    ap.add_argument("--out-tokens", type=int, default=64)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    a = ap.parse_args()
+    dev = torch.device("cpu" if a.dry_run else "cuda")
+    bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
+    if not os.path.exists(os.path.join(a.model, "config.json")):
+        from benchmarks.make_random_llama import write
+
+        shrink = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
+        write(a.model, a.layers, torch.bfloat16, dev.type, os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
+    import braid as bd
+
+    batches = [int(b) for b in a.batches.split(",")]
+    mask, jumps = {}, {}
+    for backend in a.backends.split(","):
+        with bd.Engine(model_path=a.model, dtype="bfloat16", device=dev.type, context_len=4096,
+                       max_running_requests=max(batches), grammar_backend=backend,
+                       max_total_tokens=20000 if a.dry_run else None) as eng:
+            weights = param_bytes(eng.runner.model)
+            for b in batches:
+                mask[backend, b] = masking_rows(eng, b, a.out_tokens, eng.vocab_size)
+            jumps[backend] = jump_rows(eng, 160)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    hf = None if a.skip_transformers else hf_xgrammar_latency(a.model, 160, dev)
+    floor_step = weights / (bw * 1e9)
+    name = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
+    print(f"{name}: copy {bw:.0f} GB/s, weights {weights / 1e9:.2f} GB, floor {floor_step * 1e3:.2f} ms/step")
+    print(f"{'backend':>9} {'batch':>5} {'free ms/step':>13} {'masked ms/step':>15} {'overhead':>9} {'free/floor':>11}")
+    for (backend, b), (free, tied) in mask.items():
+        print(f"{backend:>9} {b:>5} {free * 1e3:>13.2f} {tied * 1e3:>15.2f} {tied / free - 1:>9.1%} "
+              f"{floor_step / free:>11.1%}")
+    print(f"\njump-forward, batch 1, schema with {len(_KEYS)} long fixed keys, greedy:")
+    for backend, rows in jumps.items():
+        for label, (t, n, jumped) in rows.items():
+            print(f"{backend:>9} {label:<17} {t * 1e3:9.1f} ms  {n} tokens ({jumped} jumped)")
+        on, off = rows["jump-forward on"][0], rows["jump-forward off"][0]
+        print(f"{backend:>9} speed-up {off / on:.2f}x")
+    if hf is not None:
+        print(f"transformers generate + xgrammar logits processor: {hf[0] * 1e3:9.1f} ms  {hf[1]} tokens")
+
+
+if __name__ == "__main__":
+    main()
