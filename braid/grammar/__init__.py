@@ -13,6 +13,7 @@ from braid.grammar.base import (
     GrammarSpec,
     Matcher,
     allocate_bitmask,
+    fill_bitmasks,
 )
 from braid.grammar.cache import GrammarCache
 from braid.grammar.fallback import FallbackBackend, split_names
@@ -37,7 +38,7 @@ def _outlines(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> Gramm
 
 __all__ = [
     "GRAMMAR_BACKENDS", "KINDS", "GrammarBackend", "GrammarCache", "GrammarError", "GrammarSpec", "Matcher",
-    "allocate_bitmask", "check_backend_names", "create_backend",
+    "allocate_bitmask", "check_backend_names", "fill_bitmasks", "create_backend",
 ]  # fmt: skip
 
 

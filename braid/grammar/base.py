@@ -68,3 +68,19 @@ def bitmask_words(vocab_size: int) -> int:
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """``(rows, ceil(V / 32))`` int32, every token allowed."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+
+
+def fill_bitmasks(matchers: list[Matcher], bitmask: torch.Tensor) -> None:
+    """``bitmask[j]`` = the allowed tokens of ``matchers[j]``. Matchers of a class with a
+    ``fill_batch(matchers, bitmask, rows)`` static method (xgrammar's fills rows on several
+    threads) are filled together; the others one row at a time."""
+    groups: dict[type, list[int]] = {}
+    for j, m in enumerate(matchers):
+        groups.setdefault(type(m), []).append(j)
+    for cls, rows in groups.items():
+        batch = getattr(cls, "fill_batch", None)
+        if batch is not None:
+            batch([matchers[j] for j in rows], bitmask, rows)
+        else:
+            for j in rows:
+                matchers[j].fill_bitmask(bitmask, j)

@@ -21,6 +21,7 @@ from braid.grammar.vocab import token_bytes
 FREE_WHITESPACE = r"[ \t\n\r]*"
 MAX_FORCED_BYTES = 256  # a jump-forward string is cut here (the next step finds the rest)
 MAX_FORCED_FRONTIER = 64  # positions followed at once while looking for forced bytes
+MAX_CACHED_MASKS = 1024  # per grammar: 16 KiB each for a 128k vocabulary
 
 
 class OutlinesGrammar:
@@ -31,7 +32,20 @@ class OutlinesGrammar:
         self.vocab = vocab
         self.finals = frozenset(index.get_final_states())
         self._forced: dict[int, bytes] = {}
+        self._masks: dict[int, torch.Tensor] = {}  # state -> its mask words (a state's mask never changes)
         self._lock = threading.Lock()
+
+    def mask_words(self, state: int, guide, words: int) -> torch.Tensor:
+        """The state's allowed tokens as ``words`` int32 words (outlines' one EOS included)."""
+        with self._lock:
+            hit = self._masks.get(state)
+        if hit is None or hit.numel() != words:
+            hit = torch.zeros(words, dtype=torch.int32)
+            guide.write_mask_into(hit.data_ptr(), words, 4)
+            with self._lock:
+                if len(self._masks) < MAX_CACHED_MASKS:
+                    self._masks[state] = hit
+        return hit
 
     def forced_bytes(self, state: int) -> bytes:
         with self._lock:
@@ -86,8 +100,9 @@ class OutlinesMatcher:
         if self._terminated:
             words.zero_()
             return
-        self._guide.write_mask_into(words.data_ptr(), words.numel(), 4)
-        if self._guide.get_state() in self._grammar.finals:  # every stop token, not just outlines' one EOS
+        state = self._guide.get_state()
+        words.copy_(self._grammar.mask_words(state, self._guide, words.numel()))
+        if state in self._grammar.finals:  # every stop token, not just outlines' one EOS
             for t in self._stops:
                 if t < words.numel() * 32:
                     words[t // 32] |= _bit(t % 32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -20,6 +21,16 @@ class XGrammarMatcher:
         else:
             self._m.fill_next_token_bitmask(bitmask, row)
 
+    @staticmethod
+    def fill_batch(matchers: list[XGrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Fill ``bitmask[rows[k]]`` for ``matchers[k]``, on xgrammar's thread pool."""
+        live = [(m._m, r) for m, r in zip(matchers, rows) if not m._m.is_terminated()]
+        for m, r in zip(matchers, rows):
+            if m._m.is_terminated():
+                bitmask[r].zero_()
+        if live:
+            _batch_filler().batch_fill_next_token_bitmask([m for m, _ in live], bitmask, [r for _, r in live])
+
     def accept_token(self, token_id: int) -> bool:
         return bool(self._m.accept_token(token_id))
 
@@ -34,6 +45,13 @@ class XGrammarMatcher:
             return self._m.find_jump_forward_string()
         except UnicodeDecodeError:  # the forced bytes start inside a character: no jump this step
             return ""
+
+
+@functools.cache
+def _batch_filler():
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher(max_threads="auto")  # half the hardware threads
 
 
 class XGrammarBackend:

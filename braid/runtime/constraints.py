@@ -17,6 +17,7 @@ from braid.grammar import (
     Matcher,
     check_backend_names,
     create_backend,
+    fill_bitmasks,
 )
 from braid.grammar.base import allocate_bitmask
 from braid.runtime.kernels.bitmask import apply_bitmask
@@ -53,6 +54,7 @@ class Constraints:
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
         self._control_ids: tuple[list[int], list[int]] | None = None
+        self._ban_words: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
         eos = set(tokenizer.eos_token_ids)
         # special tokens never appear inside constrained text, whatever a backend's mask says
@@ -81,15 +83,17 @@ class Constraints:
         spec = spec_of(params)
         return None if spec is None else self.cache.matcher(spec)
 
-    def mask_logits(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> None:
-        """Mask each constrained row of ``logits`` to its grammar, in place (the Triton kernel on
-        CUDA); unconstrained rows are neither read nor written and cost nothing."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+    def mask_logits(self, logits: torch.Tensor, reqs: list) -> None:
+        """Mask each constrained request's row of ``logits`` (``reqs[i]`` owns row ``i``) to its
+        grammar and its bans, in place (the Triton kernel on CUDA); unconstrained rows are
+        neither read nor written and cost nothing."""
+        rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
         if not rows:
             return
         bitmask = allocate_bitmask(len(rows), self.vocab_size)
-        for j, i in enumerate(rows):
-            matchers[i].fill_bitmask(bitmask, j)
+        fill_bitmasks([reqs[i].matcher for i in rows], bitmask)
+        bans = [self.ban_words(reqs[i].params) for i in rows]
+        bitmask &= bans[0] if all(b is bans[0] for b in bans) else torch.stack(bans)
         index = None if len(rows) == logits.shape[0] else torch.tensor(rows, dtype=torch.int32)
         if logits.device.type != "cpu":
             bitmask = bitmask.to(logits.device, non_blocking=True)
@@ -106,6 +110,20 @@ class Constraints:
         if params.json_schema is not None:
             banned += self.control_ids[1] if params.any_whitespace else self.control_ids[0]
         return banned
+
+    def ban_words(self, params: SamplingParams) -> torch.Tensor:
+        """``banned_ids(params)`` as bitmask words (bit clear = banned), built once per kind of
+        request and ANDed into the grammar's mask, so bans cost the sampler nothing."""
+        key = (tuple(i for i in self.special_ids if i in params.stop_token_ids),
+               params.json_schema is not None, params.any_whitespace)
+        words = self._ban_words.get(key)
+        if words is None:
+            words = allocate_bitmask(1, self.vocab_size)[0]
+            for t in self.banned_ids(params):
+                words[t // 32] &= ~(1 << (t % 32)) if t % 32 != 31 else 0x7FFFFFFF
+            with self._lock:
+                words = self._ban_words.setdefault(key, words)
+        return words
 
     @property
     def control_ids(self) -> tuple[list[int], list[int]]:

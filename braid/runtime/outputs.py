@@ -27,7 +27,7 @@ class OutputProcessor:
     # ---- sampling -------------------------------------------------------------------------------
     def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> list[int]:
         inputs = [self._sampling_input(r, shared_generator) for r in reqs]
-        self.constraints.mask_logits(logits, [r.matcher for r in reqs])  # logits: this step's own copy
+        self.constraints.mask_logits(logits, reqs)  # in place: logits are this step's own copy
         out = sample(logits, inputs)
         for i, req in enumerate(reqs):
             if req.return_logprob:
@@ -38,10 +38,8 @@ class OutputProcessor:
 
     def _sampling_input(self, req: Req, shared_generator) -> SamplingInput:
         p = req.params
-        banned: list[int] = []
-        if req.matcher is not None:  # the grammar decides where EOS may come; specials never
-            banned = self.constraints.banned_ids(p)
-        elif len(req.output_ids) < p.min_new_tokens:
+        banned: list[int] = []  # a constrained request's bans are in its grammar mask
+        if req.matcher is None and len(req.output_ids) < p.min_new_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
         return SamplingInput(
             params=p, output_ids=req.output_ids, prompt_ids=req.prompt_ids,

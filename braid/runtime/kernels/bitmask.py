@@ -53,20 +53,31 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tenso
 
 
 def apply_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """The semantics in plain torch (any device); unpacks every mask bit: O(R * V) memory, O(B * V) with rows."""
+    """The semantics in plain torch (any device; the CPU engine's path): the mask's bytes index a
+    256-entry table of their 8 bits (int32 words are little-endian, so byte ``t // 8`` holds
+    token ``t`` at bit ``t % 8``)."""
     num_rows, vocab = logits.shape
     assert bitmask.shape[1] >= bitmask_words(vocab), f"bitmask too narrow for vocab {vocab}"
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    words = bitmask.to(logits.device)[:, : bitmask_words(vocab)]  # (R, W)
-    banned = (((words[:, :, None] >> bits) & 1) == 0).reshape(words.shape[0], -1)[:, :vocab]  # (R, V)
+    words = bitmask.to(logits.device)[:, : bitmask_words(vocab)].contiguous()
+    allowed = _byte_bits(logits.device)[words.view(torch.uint8).long()].reshape(words.shape[0], -1)[:, :vocab]
     if rows is None:
         assert bitmask.shape[0] == num_rows, f"{bitmask.shape[0]} mask rows for {num_rows} logits rows"
-        logits.masked_fill_(banned, float("-inf"))
+        logits.masked_fill_(~allowed, float("-inf"))
         return
-    # index_add (not index_put) so that a row named twice collects the bans of both masks
-    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
-    counts.index_add_(0, rows.to(logits.device, torch.int64), banned.to(torch.int32))
-    logits.masked_fill_(counts > 0, float("-inf"))
+    index = rows.to(logits.device, torch.int64)
+    if torch.unique(index).numel() == index.numel():
+        sub = logits.index_select(0, index)
+        sub.masked_fill_(~allowed, float("-inf"))
+        logits.index_copy_(0, index, sub)
+    else:  # a row named twice keeps only what every one of its masks allows
+        for j, row in enumerate(index.tolist()):
+            logits[row].masked_fill_(~allowed[j], float("-inf"))
+
+
+@functools.cache
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """``(256, 8)`` bool: bit ``k`` of byte ``b``."""
+    return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
 
 
 def apply_bitmask_triton(
