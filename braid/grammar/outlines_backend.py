@@ -16,6 +16,7 @@ import torch
 
 from braid.grammar.base import GrammarError, GrammarSpec
 from braid.grammar.regex_check import normalize_regex
+from braid.grammar.schema_prep import prepare_schema
 from braid.grammar.vocab import token_bytes
 
 FREE_WHITESPACE = r"[ \t\n\r]*"
@@ -190,12 +191,12 @@ class OutlinesBackend:
             regex = normalize_regex(spec.spec)
         elif spec.kind == "json_schema":
             try:
-                json.loads(spec.spec)
+                schema = prepare_schema(spec.spec)
             except json.JSONDecodeError as e:
                 raise GrammarError(spec.kind, f"not valid JSON: {e}") from e
             try:
                 regex = self._oc.json_schema.build_regex_from_schema(
-                    spec.spec, whitespace_pattern=FREE_WHITESPACE if spec.any_whitespace else "")
+                    schema, whitespace_pattern=FREE_WHITESPACE if spec.any_whitespace else "")
             except (ValueError, TypeError, RuntimeError) as e:
                 raise GrammarError(spec.kind, f"outlines-core cannot turn it into a regex: {_first_line(e)}") from e
         else:

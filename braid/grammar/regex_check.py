@@ -101,3 +101,20 @@ def _check_with_interegular(rx: str) -> None:
         raise GrammarError("regex", f"unsupported construct: {text}") from None
     except interegular.InvalidSyntax:
         return  # Python's re accepted it; the backend gives the verdict
+
+
+def optional_groups_as_alternation(rx: str) -> str:
+    """``(X)?`` written ``(X|)``: the same language (lazy ``(X)??`` is left alone)."""
+    pieces = list(_scan(rx))
+    out, skip = [], set()
+    for k, (pos, piece, in_class) in enumerate(pieces):
+        if pos in skip:
+            continue
+        nxt = pieces[k + 1][1] if k + 1 < len(pieces) else ""
+        after = pieces[k + 2][1] if k + 2 < len(pieces) else ""
+        if piece == ")" and not in_class and nxt == "?" and after != "?":
+            out.append("|)")
+            skip.add(pieces[k + 1][0])
+        else:
+            out.append(piece)
+    return "".join(out)

@@ -9,6 +9,7 @@ import torch
 
 from braid.grammar.base import GrammarError, GrammarSpec
 from braid.grammar.regex_check import normalize_regex
+from braid.grammar.schema_prep import prepare_schema
 
 
 class XGrammarMatcher:
@@ -73,12 +74,14 @@ class XGrammarBackend:
             if spec.kind == "regex":
                 return self._compiler.compile_regex(normalize_regex(spec.spec))
             if spec.kind == "json_schema":
-                json.loads(spec.spec)  # a clear error for invalid JSON before xgrammar's own
+                schema = prepare_schema(spec.spec)
                 return self._compiler.compile_json_schema(
-                    spec.spec, any_whitespace=spec.any_whitespace,
+                    schema, any_whitespace=spec.any_whitespace,
                     separators=None if spec.any_whitespace else (",", ":"))
             if spec.kind == "ebnf":
                 return self._compiler.compile_grammar(spec.spec)
+        except GrammarError:
+            raise
         except json.JSONDecodeError as e:
             raise GrammarError(spec.kind, f"not valid JSON: {e}") from e
         except (RuntimeError, ValueError, TypeError) as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -55,6 +56,7 @@ class Constraints:
         self._cache: GrammarCache | None = None
         self._control_ids: tuple[list[int], list[int]] | None = None
         self._ban_words: dict[tuple, torch.Tensor] = {}
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="braid-mask")
         self._lock = threading.Lock()
         eos = set(tokenizer.eos_token_ids)
         # special tokens never appear inside constrained text, whatever a backend's mask says
@@ -83,22 +85,39 @@ class Constraints:
         spec = spec_of(params)
         return None if spec is None else self.cache.matcher(spec)
 
-    def mask_logits(self, logits: torch.Tensor, reqs: list) -> None:
+    def prepare_masks(self, reqs: list) -> Future | None:
+        """Start building the masks of ``reqs`` (rows as ``mask_logits`` will get them) on the
+        mask thread, so that the filling overlaps the forward pass; ``None`` if none is
+        constrained. The caller must not touch the matchers until ``mask_logits`` has run."""
+        if not any(r.matcher is not None for r in reqs):
+            return None
+        return self._mask_pool.submit(self._build_masks, list(reqs))
+
+    def mask_logits(self, logits: torch.Tensor, reqs: list, prepared: Future | None = None) -> None:
         """Mask each constrained request's row of ``logits`` (``reqs[i]`` owns row ``i``) to its
         grammar and its bans, in place (the Triton kernel on CUDA); unconstrained rows are
-        neither read nor written and cost nothing."""
-        rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if not rows:
-            return
-        bitmask = allocate_bitmask(len(rows), self.vocab_size)
-        fill_bitmasks([reqs[i].matcher for i in rows], bitmask)
-        bans = [self.ban_words(reqs[i].params) for i in rows]
-        bitmask &= bans[0] if all(b is bans[0] for b in bans) else torch.stack(bans)
+        neither read nor written and cost nothing. ``prepared``: from ``prepare_masks(reqs)``."""
+        if prepared is None:
+            if not any(r.matcher is not None for r in reqs):
+                return
+            built = self._build_masks(reqs)
+        else:
+            built = prepared.result()
+            assert built[0] == [id(r) for r in reqs], "masks were prepared for other requests"
+        _, rows, bitmask = built
         index = None if len(rows) == logits.shape[0] else torch.tensor(rows, dtype=torch.int32)
         if logits.device.type != "cpu":
             bitmask = bitmask.to(logits.device, non_blocking=True)
             index = None if index is None else index.to(logits.device, non_blocking=True)
         apply_bitmask(logits, bitmask, index)
+
+    def _build_masks(self, reqs: list) -> tuple[list[int], list[int], torch.Tensor]:
+        rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        bitmask = allocate_bitmask(len(rows), self.vocab_size)
+        fill_bitmasks([reqs[i].matcher for i in rows], bitmask)
+        bans = [self.ban_words(reqs[i].params) for i in rows]
+        bitmask &= bans[0] if all(b is bans[0] for b in bans) else torch.stack(bans)
+        return [id(r) for r in reqs], rows, bitmask
 
     def banned_ids(self, params: SamplingParams) -> list[int]:
         """Tokens a constrained request may not produce whatever its grammar's mask says:

@@ -25,9 +25,10 @@ class OutputProcessor:
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
 
     # ---- sampling -------------------------------------------------------------------------------
-    def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> list[int]:
+    def sample(self, reqs: list[Req], logits: torch.Tensor, shared_generator, masks=None) -> list[int]:
+        """``masks``: ``constraints.prepare_masks(reqs)``, started before the forward pass."""
         inputs = [self._sampling_input(r, shared_generator) for r in reqs]
-        self.constraints.mask_logits(logits, reqs)  # in place: logits are this step's own copy
+        self.constraints.mask_logits(logits, reqs, masks)  # in place: logits are this step's own copy
         out = sample(logits, inputs)
         for i, req in enumerate(reqs):
             if req.return_logprob:

@@ -253,6 +253,8 @@ class Scheduler:
         for req in reqs:
             req.extend_len = req.seq_len - req.kv_len
             self.kv.extend(req, req.extend_len)
+        # the grammar masks are filled on the mask thread while this thread launches the forward
+        masks = self.outputs.constraints.prepare_masks([r for r in reqs if r.remaining_new_tokens > 0])
         if all(req.extend_len == 1 for req in reqs):
             logits = self.runner.forward(build_decode_batch(reqs, self.kv.req_pool.table, self.runner.device))
         else:
@@ -261,7 +263,7 @@ class Scheduler:
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
-        self._sample_and_advance(reqs, logits)
+        self._sample_and_advance(reqs, logits, masks)
 
     def _make_room_for_decode(self) -> None:
         """Retract the newest requests until every running request gets its slots."""
@@ -277,7 +279,7 @@ class Scheduler:
         self.waiting.append(req)
         log.info("KV full: retracted %s (%d tokens)", req.rid, req.seq_len)
 
-    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor | None) -> None:
+    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor | None, masks=None) -> None:
         """Sample one token for each request whose fill_ids are all in KV, then finish or keep it."""
         finished_zero = [r for r in reqs if r.remaining_new_tokens == 0]
         for req in finished_zero:  # e.g. max_new_tokens=0: prompt only (logprob scoring, n>1 warm-up)
@@ -287,7 +289,7 @@ class Scheduler:
         if not keep:
             return
         reqs = [reqs[i] for i in keep]
-        tokens = self.outputs.sample(reqs, logits[keep], self.shared_generator)
+        tokens = self.outputs.sample(reqs, logits[keep], self.shared_generator, masks)
         for req, tok in zip(reqs, tokens):
             self.stats["generated_tokens"] += 1
             reason, matched = self.outputs.append_token(req, tok, self.context_len)

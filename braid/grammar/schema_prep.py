@@ -1,0 +1,110 @@
+"""A JSON schema rewritten, before any backend compiles it, into an equivalent one (or a
+stricter one, never a looser one) that the backends enforce correctly. Each rule answers a
+failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md):
+
+- ``pattern``: JSON Schema regexes are ECMA-262, where ``\\d``/``\\w``/``\\s`` are ASCII
+  (outlines-core read them as Unicode); the end anchors are dropped as for every regex; and an
+  optional group ``(...)?`` is written ``(...|)``, because xgrammar's schema-pattern path
+  accepted text outside ``x(:[A-Z]{1,2})?`` (it took "xB"), while its ``(...|)`` is right.
+- ``format``: date, time, date-time and ipv4 become patterns of what jsonschema's format
+  checkers accept. xgrammar's formats let through second 60, November 31 and "052.1.1.1". Dates
+  allow days 29-31 only in months that have them, and never February 29 (a regex cannot know
+  leap years): stricter, never invalid.
+- ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
+  schema: xgrammar ignored allOf and let any JSON value through.
+
+The user's own schema is still the one outputs are validated against.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from braid.grammar.base import GrammarError
+from braid.grammar.regex_check import normalize_regex, optional_groups_as_alternation
+
+_DATE = (r"[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+         r"|(?:0[13578]|1[02])-31)")
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6}|)(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+FORMAT_PATTERNS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": f"{_DATE}[Tt]{_TIME}",
+    "ipv4": rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}",
+}
+_KEEP_AS_DATA = ("enum", "const", "default", "examples")  # values, not schemas
+_MERGEABLE = {"type", "properties", "required", "title", "description"}
+
+
+def prepare_schema(schema_text: str) -> str:
+    """The schema as backends should compile it; raises GrammarError for a bad ``pattern``."""
+    root = json.loads(schema_text)
+    return json.dumps(_walk(root, root), ensure_ascii=False)
+
+
+def _walk(node: Any, root: Any) -> Any:
+    if isinstance(node, list):
+        return [_walk(x, root) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("allOf"), list):
+        node = _merge_all_of(node, root)
+    out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = _pattern(out["pattern"])
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in FORMAT_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = FORMAT_PATTERNS[fmt]
+    return out
+
+
+def _pattern(pattern: str) -> str:
+    try:
+        return optional_groups_as_alternation(normalize_regex(pattern))
+    except GrammarError as e:
+        raise GrammarError("json_schema", f"pattern {pattern!r}: {e.problem}") from None
+
+
+def _resolve(node: Any, root: Any) -> Any:
+    ref = node.get("$ref") if isinstance(node, dict) else None
+    if not isinstance(ref, str):
+        return node
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(prefix) and isinstance(root, dict):
+            target = root.get(prefix[2:-1], {}).get(ref[len(prefix):])
+            if isinstance(target, dict) and len(node) == 1:
+                return _resolve(target, root)
+    return node
+
+
+def _merge_all_of(node: dict, root: Any) -> dict:
+    """``node`` with its allOf merged in, when every part is a plain object schema and the merge
+    is exactly equivalent; else ``node`` unchanged."""
+    parts = [_resolve(p, root) for p in node["allOf"]]
+    if not all(isinstance(p, dict) and set(p) <= _MERGEABLE and p.get("type", "object") == "object"
+               for p in parts):
+        return node
+    merged = {k: v for k, v in node.items() if k != "allOf"}
+    if merged.get("type", "object") != "object":
+        return node
+    props = dict(merged.get("properties", {}))
+    for part in parts:
+        for name, schema in part.get("properties", {}).items():
+            if props.get(name, True) is True:
+                props[name] = schema
+            elif schema is not True and props[name] != schema:
+                return node  # two different schemas for one property: leave it to the backend
+    if merged.get("additionalProperties") is False and any(
+            name not in merged.get("properties", {}) for part in parts for name in part.get("properties", {})):
+        return node  # the parent forbids what the parts declare: not a plain union
+    merged["type"] = "object"
+    merged["properties"] = props
+    required = list(merged.get("required", []))
+    for part in parts:
+        required += [r for r in part.get("required", []) if r not in required]
+    if required:
+        merged["required"] = required
+    return merged
