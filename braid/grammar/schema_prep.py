@@ -10,6 +10,8 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
   checkers accept. xgrammar's formats let through second 60, November 31 and "052.1.1.1". Dates
   allow days 29-31 only in months that have them, and never February 29 (a regex cannot know
   leap years): stricter, never invalid.
+- ``format`` email or uri with a ``maxLength``: a pattern whose matches all fit, because
+  xgrammar drops maxLength on a string with a format (it produced 100-character emails).
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
   schema: xgrammar ignored allOf and let any JSON value through.
 
@@ -55,10 +57,28 @@ def _walk(node: Any, root: Any) -> Any:
     if isinstance(out.get("pattern"), str):
         out["pattern"] = _pattern(out["pattern"])
     fmt = out.get("format")
-    if isinstance(fmt, str) and fmt in FORMAT_PATTERNS and "pattern" not in out:
-        del out["format"]
-        out["pattern"] = FORMAT_PATTERNS[fmt]
+    if isinstance(fmt, str) and "pattern" not in out:
+        pattern = FORMAT_PATTERNS.get(fmt) or _bounded_format(fmt, out.get("minLength", 0), out.get("maxLength"))
+        if pattern is not None:
+            del out["format"]
+            out["pattern"] = pattern
     return out
+
+
+def _bounded_format(fmt: str, min_length: object, max_length: object) -> str | None:
+    """An email or URI pattern none of whose matches is longer than ``max_length`` (xgrammar
+    drops maxLength on a string with a format), or None where no such rewrite is safe."""
+    if not isinstance(max_length, int) or not isinstance(min_length, int) or min_length > 6:
+        return None
+    if fmt == "email" and max_length >= 8:  # local@label.rest, lengths summing to max_length
+        local = label = (max_length - 2) // 3
+        rest = max_length - 2 - local - label
+        return f"[A-Za-z0-9._+-]{{1,{local}}}@[A-Za-z0-9-]{{1,{label}}}\\.[A-Za-z0-9.-]{{1,{rest}}}"
+    if fmt == "uri" and max_length >= 16:  # https://label.rest or https://label.rest/path
+        label = rest = (max_length - 10) // 3
+        path = max_length - 10 - label - rest
+        return f"https://[a-z0-9-]{{1,{label}}}\\.[a-z0-9.-]{{1,{rest}}}(?:/[A-Za-z0-9._~/-]{{1,{path}}}|)"
+    return None
 
 
 def _pattern(pattern: str) -> str:
