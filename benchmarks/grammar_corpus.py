@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from braid.errors import InvalidRequestError
 from braid.grammar import GrammarError, GrammarSpec
 from braid.runtime.constraints import Constraints, validate_json
 from braid.runtime.sampling_params import SamplingParams
@@ -30,7 +31,10 @@ from braid.runtime.sampling_params import SamplingParams
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "grammar_corpus.json"
 
 
-def items() -> list[tuple[str, str, object]]:
+def items(schemas_dir: str | None = None) -> list[tuple[str, str, object]]:
+    """(kind, name, spec) of the corpus, or of every ``*.json`` schema file in ``schemas_dir``."""
+    if schemas_dir:
+        return [("json_schema", p.stem, json.loads(p.read_text())) for p in sorted(Path(schemas_dir).glob("*.json"))]
     data = json.loads(CORPUS.read_text())
     return ([("json_schema", s["name"], s["schema"]) for s in data["schemas"]]
             + [("regex", r["name"], r["regex"]) for r in data["regexes"]])  # fmt: skip
@@ -67,6 +71,8 @@ def main() -> None:
     ap.add_argument("--walks", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--model", default=None, help="HF folder whose tokenizer to use; default: the embedded model")
+    ap.add_argument("--schemas-dir", default=None, help="measure these *.json schemas instead of the corpus")
+    ap.add_argument("--timeout", type=float, default=60.0, help="compile time budget per spec, seconds")
     a = ap.parse_args()
     from braid.runtime.model_source import resolve_model_path
     from braid.runtime.tokenizer import Tokenizer
@@ -75,7 +81,7 @@ def main() -> None:
     vocab = len(tok)
     single = torch.tensor([len(tok.decode([i]).encode()) == 1 for i in range(vocab)])
     stops = sorted(tok.eos_token_ids)
-    corpus = items()
+    corpus = items(a.schemas_dir)
     print(f"corpus: {sum(k == 'json_schema' for k, _, _ in corpus)} schemas, "
           f"{sum(k == 'regex' for k, _, _ in corpus)} regexes; tokenizer {vocab} tokens; {a.walks} walks each")
     print(f"{'backend':>9} {'kind':>11} {'compiled':>9} {'compile p50/p99 ms':>19} {'mask p50/p99 us':>16} "
@@ -83,19 +89,19 @@ def main() -> None:
     for backend in a.backends.split(","):
         failures = []
         for kind in ("json_schema", "regex"):
-            constraints = Constraints(backend, tok, vocab, compile_timeout_s=60.0)
+            constraints = Constraints(backend, tok, vocab, compile_timeout_s=a.timeout)
             constraints.ban_words(SamplingParams())  # tables built before timing starts
             compile_ms, mask_s, n, ok, finished, valid = [], [], 0, 0, 0, 0
             for k, name, spec in corpus:
                 if k != kind:
                     continue
                 n += 1
-                params = SamplingParams(**{kind: spec})
                 t0 = time.perf_counter()
                 try:
+                    params = SamplingParams(**{kind: spec})
                     constraints.cache.compiled(GrammarSpec(kind, params.constraint.spec))
-                except GrammarError as e:
-                    failures.append(f"{name}: {e.problem[:150]}")
+                except (GrammarError, InvalidRequestError) as e:
+                    failures.append(f"{name}: not compiled: {e.problem[:150]}")
                     continue
                 compile_ms.append((time.perf_counter() - t0) * 1e3)
                 ok += 1
@@ -112,8 +118,10 @@ def main() -> None:
                     valid += good
                     if not good:
                         failures.append(f"{name}: invalid walk ({error[:100]}) {text[:80]!r}")
-            cq = statistics.quantiles(compile_ms, n=100) if len(compile_ms) > 1 else compile_ms * 99
-            mq = statistics.quantiles(mask_s, n=100)
+            if n == 0:
+                continue
+            cq = statistics.quantiles(compile_ms, n=100) if len(compile_ms) > 1 else (compile_ms or [0.0]) * 99
+            mq = statistics.quantiles(mask_s, n=100) if len(mask_s) > 1 else (mask_s or [0.0]) * 99
             print(f"{backend:>9} {kind:>11} {ok:>4}/{n:<4} {cq[49]:>9.1f} / {cq[98]:<7.1f} "
                   f"{mq[49] * 1e6:>7.0f} / {mq[98] * 1e6:<6.0f} {finished:>4}/{ok * a.walks:<4} "
                   f"{valid / max(finished, 1):>7.1%}")

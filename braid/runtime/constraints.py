@@ -167,7 +167,11 @@ def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:
     except json.JSONDecodeError as e:
         return False, f"not JSON: {e}"
     schema = json.loads(schema_text)
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    try:
+        validator_cls = jsonschema.validators.validator_for(schema)
+        validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except Exception as e:  # a $ref that does not resolve, a pattern Python cannot read, ...
+        # an output that could not be checked is never reported valid
+        return False, f"the schema could not be checked: {type(e).__name__}: {str(e)[:300]}"
     return (True, None) if error is None else (False, error.message)

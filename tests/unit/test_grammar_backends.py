@@ -230,3 +230,10 @@ def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad
         m = backend.matcher(compiled)
         taken = all(m.accept_token(t) for t in hf_tok.encode(text, add_special_tokens=False)) and m.accept_token(2)
         assert taken is validate_json(text, json.dumps(schema))[0], text
+
+
+def test_a_schema_that_cannot_be_checked_is_never_reported_valid():
+    from braid.runtime.constraints import validate_json
+
+    ok, error = validate_json('{"a": 1}', json.dumps({"$ref": "https://example.invalid/s.json"}))
+    assert not ok and "could not be checked" in error
