@@ -4,6 +4,7 @@ and the validation of finished JSON."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +81,11 @@ class Constraints:
             self.cache.compiled(spec)
         except GrammarError as e:
             raise InvalidRequestError(f"sampling_params.{params.constraint.kind}", e.problem) from None
+        if params.json_schema is not None:
+            try:
+                json_validator(params.json_schema)
+            except Exception:  # reported on the output: validate_json says why
+                pass
 
     def matcher(self, params: SamplingParams) -> Matcher | None:
         spec = spec_of(params)
@@ -158,6 +164,18 @@ class Constraints:
             return self._control_ids
 
 
+@functools.lru_cache(maxsize=256)
+def json_validator(schema_text: str):
+    """The jsonschema validator of a schema (formats checked), built once per schema. The engine
+    front builds it when the request arrives: importing jsonschema with its format checkers takes
+    seconds, which must not stall the scheduler thread."""
+    import jsonschema
+
+    schema = json.loads(schema_text)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    return validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+
+
 def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:
     """Whether ``text`` is JSON valid under the schema (formats checked), and the first error."""
     import jsonschema
@@ -166,11 +184,8 @@ def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         return False, f"not JSON: {e}"
-    schema = json.loads(schema_text)
     try:
-        validator_cls = jsonschema.validators.validator_for(schema)
-        validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        error = jsonschema.exceptions.best_match(json_validator(schema_text).iter_errors(value))
     except Exception as e:  # a $ref that does not resolve, a pattern Python cannot read, ...
         # an output that could not be checked is never reported valid
         return False, f"the schema could not be checked: {type(e).__name__}: {str(e)[:300]}"
