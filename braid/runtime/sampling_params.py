@@ -169,6 +169,8 @@ class SamplingParams:
         given = [k for k in CONSTRAINT_KEYS if getattr(self, k) is not None]
         _require(not self.any_whitespace or self.json_schema is not None, "any_whitespace",
                  "applies only to json_schema output, and no json_schema was given")
+        _require(not (given and self.min_new_tokens), "min_new_tokens",
+                 f"cannot be combined with {given[0] if given else ''}: the grammar decides where the output ends")
         if len(given) > 1:
             raise InvalidRequestError(
                 given[-1], f"at most one of {', '.join(CONSTRAINT_KEYS)} may be given, got {', '.join(given)}"

@@ -183,11 +183,13 @@ def test_outlines_cannot_do_ebnf_and_a_fallback_order_can(backends, hf_tok):
         create_backend(" , ", hf_tok, len(hf_tok), STOPS)
 
 
-def test_any_whitespace_needs_a_json_schema():
+def test_any_whitespace_needs_a_json_schema_and_min_new_tokens_no_grammar():
     from braid.runtime.sampling_params import SamplingParams
 
     with pytest.raises(InvalidRequestError, match="any_whitespace"):
         SamplingParams(any_whitespace=True, regex="a+")
+    with pytest.raises(InvalidRequestError, match="min_new_tokens: cannot be combined with regex"):
+        SamplingParams(min_new_tokens=3, regex="a+")
     assert SamplingParams(any_whitespace=True, json_schema={"type": "string"}).any_whitespace
 
 
