@@ -217,3 +217,14 @@ def test_json_is_compact_unless_free_whitespace_is_asked(folder, make_engine, ba
     assert finished
     for text in finished:
         assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_a_stop_string_inside_grammar_text_ends_the_output(folder, make_engine, backend, jump):
+    eng = make_engine(folder, grammar_backend=backend)
+    outs = eng.generate(prompt=["Pick"] * 3, sampling_params=[
+        {**SAMPLED, "regex": "(abc|xyz)-def-[0-9]{3}", "stop": "-d", "jump_forward": jump, "seed": s}
+        for s in range(3)])
+    for o in outs:
+        assert o["text"] in {"abc", "xyz"}, o["text"]
+        assert o["meta_info"]["finish_reason"] == {"type": "stop", "matched": "-d"}
