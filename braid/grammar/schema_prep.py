@@ -15,7 +15,9 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
   schema: xgrammar ignored allOf and let any JSON value through.
 
-The user's own schema is still the one outputs are validated against.
+A ``$ref`` outside the schema (braid fetches nothing) and ``$dynamicRef``/``$recursiveRef`` are
+refused with an error naming them: xgrammar compiled such schemas as if the reference allowed
+any value. The user's own schema is still the one outputs are validated against.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def _walk(node: Any, root: Any) -> Any:
         return [_walk(x, root) for x in node]
     if not isinstance(node, dict):
         return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        raise GrammarError("json_schema", f"$ref {ref!r} points outside the schema, and braid fetches nothing: "
+                                          "put that schema under $defs and refer to it as #/$defs/NAME")
+    for key in ("$dynamicRef", "$recursiveRef"):
+        if key in node:
+            raise GrammarError("json_schema", f"{key} is not supported by any grammar backend: use $ref")
     if isinstance(node.get("allOf"), list):
         node = _merge_all_of(node, root)
     out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}

@@ -239,3 +239,13 @@ def test_a_schema_that_cannot_be_checked_is_never_reported_valid():
 
     ok, error = validate_json('{"a": 1}', json.dumps({"$ref": "https://example.invalid/s.json"}))
     assert not ok and "could not be checked" in error
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("schema, problem", [
+    ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}, "points outside the schema"),
+    ({"$dynamicRef": "#meta"}, "$dynamicRef is not supported"),
+])  # fmt: skip
+def test_references_no_backend_can_follow_are_refused(backends, name, schema, problem):
+    with pytest.raises(GrammarError, match=re.escape(problem)):
+        backends[name].compile(GrammarSpec("json_schema", json.dumps(schema)))
