@@ -13,6 +13,7 @@ import re
 from braid.grammar.base import GrammarError
 
 _LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
+_NAMED_GROUP = re.compile(r"(?<!\\)\(\?P?<(?![=!])[A-Za-z_][A-Za-z0-9_]*>")
 
 
 def _scan(rx: str):
@@ -40,6 +41,7 @@ _ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_", "s": " \\t\\n\\r\\f\\v"}
 
 
 def _ascii_shorthands(rx: str) -> str:
+    """Shorthand classes spelled out in ASCII, and raw control characters as ``\\xNN`` escapes."""
     out = []
     for _, piece, in_class in _scan(rx):
         name = piece[1:] if len(piece) == 2 and piece[0] == "\\" else ""
@@ -47,17 +49,21 @@ def _ascii_shorthands(rx: str) -> str:
             out.append(_ASCII_CLASSES[name] if in_class else f"[{_ASCII_CLASSES[name]}]")
         elif name.lower() in _ASCII_CLASSES and not in_class:
             out.append(f"[^{_ASCII_CLASSES[name.lower()]}]")
+        elif len(piece) == 1 and ord(piece) < 0x20:  # a raw control character (xgrammar refuses one in a class)
+            out.append(f"\\x{ord(piece):02x}")
         else:
             out.append(piece)
     return "".join(out)
 
 
 def normalize_regex(rx: str) -> str:
-    """``rx`` as every backend compiles it (no redundant end anchors, ASCII shorthand classes);
+    """``rx`` as every backend compiles it (no redundant end anchors, ASCII shorthand classes,
+    control characters escaped);
     raises GrammarError("regex", ...) naming the problem and its position when ``rx`` is not a
     regex a grammar can enforce."""
     if not isinstance(rx, str) or not rx:
         raise GrammarError("regex", "must be a non-empty string")
+    rx = _NAMED_GROUP.sub("(?:", rx)  # names do not change what matches; JS spells them (?<name>
     if rx.startswith("^"):
         rx = rx[1:]
     if rx.endswith("$") and not _escaped(rx, len(rx) - 1):

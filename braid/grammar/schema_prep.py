@@ -12,6 +12,9 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
   leap years): stricter, never invalid.
 - ``format`` email or uri with a ``maxLength``: a pattern whose matches all fit, because
   xgrammar drops maxLength on a string with a format (it produced 100-character emails).
+- draft-4 to 7 spellings xgrammar refuses: tuple ``items: [...]`` (as ``prefixItems``) and
+  boolean ``exclusiveMinimum``/``exclusiveMaximum``; local ``$ref``s that reach into arrays
+  (``#/definitions/step/oneOf/1``) point to a copy under ``$defs``.
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
   schema: xgrammar ignored allOf and let any JSON value through.
 
@@ -45,7 +48,57 @@ _MERGEABLE = {"type", "properties", "required", "title", "description"}
 def prepare_schema(schema_text: str) -> str:
     """The schema as backends should compile it; raises GrammarError for a bad ``pattern``."""
     root = json.loads(schema_text)
+    if isinstance(root, dict):
+        root = _hoist_deep_refs(root)
     return json.dumps(_walk(root, root), ensure_ascii=False)
+
+
+def _hoist_deep_refs(root: dict) -> dict:
+    """Local ``$ref``s to anything but ``#/$defs/NAME`` / ``#/definitions/NAME`` (such as
+    ``#/definitions/step/oneOf/1``, which xgrammar cannot follow) point to a copy of their
+    target under ``$defs``."""
+    hoisted: dict[str, str] = {}
+    defs: dict[str, Any] = {}
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, list):
+            return [visit(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: v if k in _KEEP_AS_DATA else visit(v) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/") and not _is_plain_def(ref):
+            if ref not in hoisted:
+                target = _pointer(root, ref)
+                if target is None:
+                    raise GrammarError("json_schema", f"$ref {ref!r} points at nothing in the schema")
+                hoisted[ref] = name = f"braid_ref_{len(hoisted)}"
+                defs[name] = visit(target)
+            out["$ref"] = f"#/$defs/{hoisted[ref]}"
+        return out
+
+    out = visit(root)
+    if defs:
+        out["$defs"] = {**out.get("$defs", {}), **defs}
+    return out
+
+
+def _is_plain_def(ref: str) -> bool:
+    parts = ref[2:].split("/")
+    return len(parts) == 2 and parts[0] in ("$defs", "definitions")
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    node = root
+    for raw in ref[2:].split("/"):
+        key = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node
 
 
 def _walk(node: Any, root: Any) -> Any:
@@ -63,6 +116,14 @@ def _walk(node: Any, root: Any) -> Any:
     if isinstance(node.get("allOf"), list):
         node = _merge_all_of(node, root)
     out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
+    if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
+        out["prefixItems"] = out.pop("items")
+        if "additionalItems" in out:
+            out["items"] = out.pop("additionalItems")
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), bool):  # draft 4: a flag on minimum/maximum
+            if out.pop(bound) and limit in out:
+                out[bound] = out.pop(limit)
     if isinstance(out.get("pattern"), str):
         out["pattern"] = _pattern(out["pattern"])
     fmt = out.get("format")

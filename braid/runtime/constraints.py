@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -171,9 +172,27 @@ def json_validator(schema_text: str):
     seconds, which must not stall the scheduler thread."""
     import jsonschema
 
-    schema = json.loads(schema_text)
+    schema = _python_patterns(json.loads(schema_text))
     validator_cls = jsonschema.validators.validator_for(schema)
     return validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+
+
+_JS_NAMED_GROUP = re.compile(r"(?<!\\)\(\?<(?![=!])")
+
+
+def _python_patterns(node):
+    """The schema with ECMA-262 named groups ``(?<name>`` in Python's spelling ``(?P<name>``,
+    since jsonschema matches patterns with Python's ``re``."""
+    if isinstance(node, list):
+        return [_python_patterns(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in ("enum", "const", "default", "examples") else _python_patterns(v) for k, v in node.items()}
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = _JS_NAMED_GROUP.sub("(?P<", out["pattern"])
+    if isinstance(out.get("patternProperties"), dict):
+        out["patternProperties"] = {_JS_NAMED_GROUP.sub("(?P<", k): v for k, v in out["patternProperties"].items()}
+    return out
 
 
 def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:

@@ -217,6 +217,15 @@ def test_validation_checks_formats(schema, good, bad):
       "allOf": [{"$ref": "#/$defs/a"}, {"type": "object", "properties": {"y": {"type": "boolean"}}}],
       "properties": {"x": True, "y": True}, "additionalProperties": False},
      ['{"x":1}', '{"x":1,"y":true}'], ['"text"', '{"y":true}', '{"x":1,"z":0}']),
+    ({"definitions": {"step": {"oneOf": [{"type": "string"}, {"properties": {"run": {"enum": [1, 2]}}}]}},
+      "type": "object", "properties": {"r": {"$ref": "#/definitions/step/oneOf/1/properties/run"}},
+      "required": ["r"], "additionalProperties": False}, ['{"r":2}'], ['{"r":3}', '{"r":"a"}']),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "array", "items": [{"type": "integer"}],
+      "additionalItems": False, "minItems": 1}, ["[7]"], ["[]", "[7,8]", '["a"]']),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer", "minimum": 3,
+      "exclusiveMinimum": True, "maximum": 5}, ["4", "5"], ["3", "6"]),
+    ({"type": "string", "pattern": "^\\$\\{(.|[\r\n]){1,3}\\}$"}, ["${ab}", "${a\\nb}"], ["${}", "$ab"]),
+    ({"type": "string", "pattern": "^(?<year>[0-9]{2})-(?<m>[0-9])$"}, ["26-1"], ["26-", "2-1"]),
 ])  # fmt: skip
 def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad):
     """Each rewrite of braid/grammar/schema_prep.py, on both backends: what the schema (with
