@@ -16,7 +16,9 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
   boolean ``exclusiveMinimum``/``exclusiveMaximum``; local ``$ref``s that reach into arrays
   (``#/definitions/step/oneOf/1``) point to a copy under ``$defs``.
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
-  schema: xgrammar ignored allOf and let any JSON value through.
+  schema, and a lone allOf part beside annotations replaces it: xgrammar ignored allOf and let
+  any JSON value through. if/then/else parts of an allOf are dropped (looser: no backend can
+  enforce them; the validation reports their verdict).
 
 A ``$ref`` outside the schema (braid fetches nothing) and ``$dynamicRef``/``$recursiveRef`` are
 refused with an error naming them: xgrammar compiled such schemas as if the reference allowed
@@ -118,8 +120,7 @@ def _walk(node: Any, root: Any) -> Any:
     out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
     if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
         out["prefixItems"] = out.pop("items")
-        if "additionalItems" in out:
-            out["items"] = out.pop("additionalItems")
+        out["items"] = out.pop("additionalItems", True)  # absent: more items allowed (xgrammar: refused)
     for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(out.get(bound), bool):  # draft 4: a flag on minimum/maximum
             if out.pop(bound) and limit in out:
@@ -170,9 +171,22 @@ def _resolve(node: Any, root: Any) -> Any:
     return node
 
 
+_ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "definitions", "$defs", "examples"}
+_CONDITIONAL = {"if", "then", "else", "$comment", "description", "title"}
+
+
 def _merge_all_of(node: dict, root: Any) -> dict:
     """``node`` with its allOf merged in, when every part is a plain object schema and the merge
-    is exactly equivalent; else ``node`` unchanged."""
+    is exactly equivalent, or a lone part beside annotations only; else ``node`` unchanged.
+    if/then/else parts are dropped first: no backend enforces them (xgrammar ignored the whole
+    schema around them), and the output's validation reports what they decide."""
+    kept = [p for p in node["allOf"] if not (isinstance(p, dict) and "if" in p and set(p) <= _CONDITIONAL)]
+    if len(kept) != len(node["allOf"]):
+        node = {k: v for k, v in node.items() if k != "allOf"} | ({"allOf": kept} if kept else {})
+        if not kept:
+            return node
+    if len(kept) == 1 and set(node) - {"allOf"} <= _ANNOTATIONS and isinstance(_resolve(kept[0], root), dict):
+        return {k: v for k, v in node.items() if k != "allOf"} | _resolve(kept[0], root)
     parts = [_resolve(p, root) for p in node["allOf"]]
     if not all(isinstance(p, dict) and set(p) <= _MERGEABLE and p.get("type", "object") == "object"
                for p in parts):

@@ -226,6 +226,11 @@ def test_validation_checks_formats(schema, good, bad):
       "exclusiveMinimum": True, "maximum": 5}, ["4", "5"], ["3", "6"]),
     ({"type": "string", "pattern": "^\\$\\{(.|[\r\n]){1,3}\\}$"}, ["${ab}", "${a\\nb}"], ["${}", "$ab"]),
     ({"type": "string", "pattern": "^(?<year>[0-9]{2})-(?<m>[0-9])$"}, ["26-1"], ["26-", "2-1"]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False,
+      "allOf": [{"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["a"]}}]},
+     ['{"a":1}'], ["0", '{"b":1}']),
+    ({"title": "T", "allOf": [{"type": "object", "properties": {"v": {"enum": [3]}}, "required": ["v"],
+                               "additionalProperties": False}]}, ['{"v":3}'], ["0", '{"v":4}']),
 ])  # fmt: skip
 def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad):
     """Each rewrite of braid/grammar/schema_prep.py, on both backends: what the schema (with
