@@ -12,6 +12,8 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
   leap years): stricter, never invalid.
 - ``format`` email or uri with a ``maxLength``: a pattern whose matches all fit, because
   xgrammar drops maxLength on a string with a format (it produced 100-character emails).
+- an array schema without ``items`` gets ``items: {}`` (xgrammar allowed only ``[]``, and
+  refused such a schema with ``minItems``).
 - draft-4 to 7 spellings xgrammar refuses: tuple ``items: [...]`` (as ``prefixItems``) and
   boolean ``exclusiveMinimum``/``exclusiveMaximum``; local ``$ref``s that reach into arrays
   (``#/definitions/step/oneOf/1``) point to a copy under ``$defs``.
@@ -120,7 +122,10 @@ def _walk(node: Any, root: Any) -> Any:
     out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
     if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
         out["prefixItems"] = out.pop("items")
-        out["items"] = out.pop("additionalItems", True)  # absent: more items allowed (xgrammar: refused)
+        out["items"] = out.pop("additionalItems", {})  # absent: more items allowed (xgrammar: refused)
+    kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    if "array" in kinds and "items" not in out and "prefixItems" not in out:
+        out["items"] = {}  # any items (xgrammar read a missing "items" as no items at all)
     for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(out.get(bound), bool):  # draft 4: a flag on minimum/maximum
             if out.pop(bound) and limit in out:

@@ -229,6 +229,7 @@ def test_validation_checks_formats(schema, good, bad):
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False,
       "allOf": [{"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["a"]}}]},
      ['{"a":1}'], ["0", '{"b":1}']),
+    ({"type": "array", "minItems": 1, "maxItems": 2}, ['[1]', '["a",{}]'], ["[]", "[1,2,3]"]),
     ({"title": "T", "allOf": [{"type": "object", "properties": {"v": {"enum": [3]}}, "required": ["v"],
                                "additionalProperties": False}]}, ['{"v":3}'], ["0", '{"v":4}']),
 ])  # fmt: skip
@@ -239,6 +240,8 @@ def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad
 
     if name == "outlines" and "allOf" in schema:
         pytest.skip("outlines-core cannot compile a property schema that is `true`")
+    if name == "outlines" and schema.get("type") == "array" and "items" not in schema:
+        pytest.skip("outlines-core takes minutes to index arrays of any JSON value")
     backend = backends[name]
     compiled = backend.compile(GrammarSpec("json_schema", json.dumps(schema)))
     for text in good + bad:
