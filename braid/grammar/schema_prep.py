@@ -17,6 +17,9 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
 - draft-4 to 7 spellings xgrammar refuses: tuple ``items: [...]`` (as ``prefixItems``) and
   boolean ``exclusiveMinimum``/``exclusiveMaximum``; local ``$ref``s that reach into arrays
   (``#/definitions/step/oneOf/1``) point to a copy under ``$defs``.
+- an object schema with ``anyOf``/``oneOf`` branches that merge with it exactly (often lists of
+  ``required`` keys) carries its constraints into every branch: xgrammar let a branch without a
+  type be any value (taskfile, Angular workspace, AsyncAPI).
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
   schema, and a lone allOf part beside annotations replaces it: xgrammar ignored allOf and let
   any JSON value through. if/then/else parts of an allOf are dropped (looser: no backend can
@@ -119,6 +122,9 @@ def _walk(node: Any, root: Any) -> Any:
             raise GrammarError("json_schema", f"{key} is not supported by any grammar backend: use $ref")
     if isinstance(node.get("allOf"), list):
         node = _merge_all_of(node, root)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list) and not ({"anyOf", "oneOf"} - {key}) & set(node):
+            node = _distribute(node, root, key)
     out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
     if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
         out["prefixItems"] = out.pop("items")
@@ -217,3 +223,23 @@ def _merge_all_of(node: dict, root: Any) -> dict:
     if required:
         merged["required"] = required
     return merged
+
+
+def _distribute(node: dict, root: Any, key: str) -> dict:
+    """An object schema with ``anyOf``/``oneOf`` branches (often just ``required`` lists) as
+    branches that each carry the parent's constraints: the same set of instances, since each
+    branch is merged with the parent exactly (or ``node`` is returned unchanged). xgrammar let a
+    branch without a type be any value, ignoring the parent's type and properties."""
+    parent = {k: v for k, v in node.items() if k != key and k not in _ANNOTATIONS}
+    if not parent or "allOf" in parent:
+        return node
+    branches = []
+    for branch in node[key]:
+        target = _resolve(branch, root)
+        if not isinstance(target, dict):
+            return node
+        merged = _merge_all_of({**parent, "allOf": [target]}, root)
+        if "allOf" in merged:
+            return node
+        branches.append(merged)
+    return {k: v for k, v in node.items() if k in _ANNOTATIONS} | {key: branches}

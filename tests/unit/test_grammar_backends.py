@@ -230,6 +230,12 @@ def test_validation_checks_formats(schema, good, bad):
       "allOf": [{"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["a"]}}]},
      ['{"a":1}'], ["0", '{"b":1}']),
     ({"type": "array", "minItems": 1, "maxItems": 2}, ['[1]', '["a",{}]'], ["[]", "[1,2,3]"]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+      "additionalProperties": False, "anyOf": [{"required": ["a"]}, {"required": ["b"]}]},
+     ['{"a":1}', '{"b":true}', '{"a":1,"b":false}'], ["251", "{}", '{"c":1}']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+      "additionalProperties": False, "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+     ['{"a":1}', '{"b":true}'], ["7", "{}"]),  # (both branches at once: oneOf is enforced as anyOf)
     ({"title": "T", "allOf": [{"type": "object", "properties": {"v": {"enum": [3]}}, "required": ["v"],
                                "additionalProperties": False}]}, ['{"v":3}'], ["0", '{"v":4}']),
 ])  # fmt: skip
