@@ -29,6 +29,13 @@ def _xgrammar(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> Gramm
     return XGrammarBackend(hf_tokenizer, vocab_size, stop_token_ids)
 
 
+@GRAMMAR_BACKENDS.register("llguidance")
+def _llguidance(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
+    from braid.grammar.llguidance_backend import LLGuidanceBackend
+
+    return LLGuidanceBackend(hf_tokenizer, vocab_size, stop_token_ids)
+
+
 @GRAMMAR_BACKENDS.register("outlines")
 def _outlines(hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
     from braid.grammar.outlines_backend import OutlinesBackend

@@ -3,7 +3,8 @@ stricter one, never a looser one) that the backends enforce correctly. Each rule
 failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md):
 
 - ``pattern``: JSON Schema regexes are ECMA-262, where ``\\d``/``\\w``/``\\s`` are ASCII
-  (outlines-core read them as Unicode); the end anchors are dropped as for every regex; and an
+  (outlines-core read them as Unicode); the pattern is matched whole (``^(?:...)$``: a search
+  in JSON Schema, which llguidance enforced as such, letting "x: junk" through ``[a-z]{3}``); an
   optional group ``(...)?`` is written ``(...|)``, because xgrammar's schema-pattern path
   accepted text outside ``x(:[A-Z]{1,2})?`` (it took "xB"), while its ``(...|)`` is right.
 - ``format``: date, time, date-time and ipv4 become patterns of what jsonschema's format
@@ -57,7 +58,10 @@ def prepare_schema(schema_text: str) -> str:
     root = json.loads(schema_text)
     if isinstance(root, dict):
         root = _hoist_deep_refs(root)
-    return json.dumps(_walk(root, root), ensure_ascii=False)
+    out = _walk(root, root)
+    if isinstance(out, dict) and "$schema" in out:  # the rewrites speak 2020-12 (prefixItems, $defs, ...)
+        out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(out, ensure_ascii=False)
 
 
 def _hoist_deep_refs(root: dict) -> dict:
@@ -143,7 +147,7 @@ def _walk(node: Any, root: Any) -> Any:
         pattern = FORMAT_PATTERNS.get(fmt) or _bounded_format(fmt, out.get("minLength", 0), out.get("maxLength"))
         if pattern is not None:
             del out["format"]
-            out["pattern"] = pattern
+            out["pattern"] = f"^(?:{pattern})$"
     return out
 
 
@@ -164,8 +168,11 @@ def _bounded_format(fmt: str, min_length: object, max_length: object) -> str | N
 
 
 def _pattern(pattern: str) -> str:
+    """Anchored at both ends: a JSON Schema pattern is a search, which backends that read it as
+    a full match (xgrammar) enforce more strictly and ones that read it as a search
+    (llguidance) enforce as loosely; the full match is valid either way."""
     try:
-        return optional_groups_as_alternation(normalize_regex(pattern))
+        return f"^(?:{optional_groups_as_alternation(normalize_regex(pattern))})$"
     except GrammarError as e:
         raise GrammarError("json_schema", f"pattern {pattern!r}: {e.problem}") from None
 

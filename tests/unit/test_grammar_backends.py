@@ -5,6 +5,7 @@ bad regexes get the same named error whichever backend would compile them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -17,7 +18,7 @@ from braid.grammar import GrammarError, GrammarSpec, allocate_bitmask, create_ba
 from braid.grammar.regex_check import normalize_regex
 from braid.grammar.vocab import token_bytes
 
-BACKENDS = ["xgrammar", "outlines"]
+BACKENDS = ["xgrammar", "outlines"] + (["llguidance"] if importlib.util.find_spec("llguidance") else [])
 STOPS = [0, 2]  # <|endoftext|>, <|im_end|>
 
 
@@ -113,7 +114,7 @@ def test_both_backends_give_the_same_masks_along_random_walks(backends, hf_tok, 
     table = token_bytes(hf_tok, vocab)
     rng = random.Random(0)
     for _walk in range(3):
-        matchers = {name: b.matcher(b.compile(spec)) for name, b in backends.items()}
+        matchers = {name: backends[name].matcher(backends[name].compile(spec)) for name in ("xgrammar", "outlines")}
         for _step in range(40):
             masks = {name: allowed(m, vocab) for name, m in matchers.items()}
             only_x, only_o = masks["xgrammar"] - masks["outlines"], masks["outlines"] - masks["xgrammar"]
@@ -165,6 +166,15 @@ def test_free_whitespace_is_per_spec(backends, hf_tok, name):
         assert m.accept_token(hf_tok.convert_tokens_to_ids("{"))
         mask = allowed(m, len(hf_tok))
         assert (space in mask and newline in mask) is free
+
+
+@pytest.mark.skipif("llguidance" not in BACKENDS, reason="llguidance is not installed")
+def test_llguidance_reads_ebnf_and_ends_only_on_a_stop_token(backends, hf_tok):
+    backend = backends["llguidance"]
+    m = backend.matcher(backend.compile(GrammarSpec("ebnf", 'root ::= "red" | "green"')))
+    assert all(m.accept_token(t) for t in hf_tok.encode("red", add_special_tokens=False))
+    assert not m.is_terminated() and allowed(m, len(hf_tok)) == set(STOPS)  # complete: only a stop may follow
+    assert m.accept_token(0) and m.is_terminated()
 
 
 def test_outlines_cannot_do_ebnf_and_a_fallback_order_can(backends, hf_tok):
