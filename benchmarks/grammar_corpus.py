@@ -67,7 +67,8 @@ def walk(constraints: Constraints, params: SamplingParams, rng: random.Random, m
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backends", default="xgrammar,outlines")
+    ap.add_argument("--backends", default="xgrammar,outlines",
+                    help="comma-separated; a fallback order is written with +: llguidance+xgrammar")
     ap.add_argument("--walks", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--model", default=None, help="HF folder whose tokenizer to use; default: the embedded model")
@@ -89,7 +90,7 @@ def main() -> None:
     for backend in a.backends.split(","):
         failures = []
         for kind in ("json_schema", "regex"):
-            constraints = Constraints(backend, tok, vocab, compile_timeout_s=a.timeout)
+            constraints = Constraints(backend.replace("+", ","), tok, vocab, compile_timeout_s=a.timeout)
             constraints.ban_words(SamplingParams())  # tables built before timing starts
             compile_ms, mask_s, n, ok, finished, valid = [], [], 0, 0, 0, 0
             for k, name, spec in corpus:

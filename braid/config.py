@@ -29,7 +29,8 @@ class EngineConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     attention_backend: str = _opt("auto", "attention backend name; auto = torch")
     grammar_backend: str = _opt(
-        "xgrammar", "constrained decoding backend: xgrammar | outlines, or a fallback order: xgrammar,outlines"
+        "auto", "constrained decoding backend: auto (llguidance,xgrammar with the llguidance extra, else xgrammar)"
+        " | xgrammar | outlines | llguidance, or a fallback order such as xgrammar,outlines"
     )
     disable_jump_forward: bool = _opt(False, "append grammar-forced text token by token instead of in one step")
     grammar_compile_timeout: float = _opt(10.0, "seconds a grammar may take to compile before its request fails")

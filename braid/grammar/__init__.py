@@ -5,6 +5,8 @@ Depends on no other part of braid except the shared name registry.
 
 from __future__ import annotations
 
+import importlib.util
+
 from braid.errors import InvalidRequestError
 from braid.grammar.base import (
     KINDS,
@@ -49,10 +51,18 @@ __all__ = [
 ]  # fmt: skip
 
 
+def resolve_backend_names(names: str) -> str:
+    """``"auto"``: llguidance then xgrammar where llguidance is installed (the ``llguidance``
+    extra), else xgrammar alone; the measurements behind it are in docs/benchmarks.md."""
+    if names.strip() != "auto":
+        return names
+    return "llguidance,xgrammar" if importlib.util.find_spec("llguidance") else "xgrammar"
+
+
 def check_backend_names(names: str) -> None:
-    """``names`` is one backend or a comma-separated fallback order; raises UnknownNameError
-    (listing the known names) for an unknown one."""
-    parts = split_names(names)
+    """``names`` is ``auto``, one backend or a comma-separated fallback order; raises
+    UnknownNameError (listing the known names) for an unknown one."""
+    parts = split_names(resolve_backend_names(names))
     if not parts:
         raise InvalidRequestError("grammar_backend", "names no backend")
     for name in parts:
@@ -61,5 +71,6 @@ def check_backend_names(names: str) -> None:
 
 def create_backend(names: str, hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
     check_backend_names(names)
-    backends = [GRAMMAR_BACKENDS.create(n, hf_tokenizer, vocab_size, stop_token_ids) for n in split_names(names)]
+    backends = [GRAMMAR_BACKENDS.create(n, hf_tokenizer, vocab_size, stop_token_ids)
+                for n in split_names(resolve_backend_names(names))]
     return backends[0] if len(backends) == 1 else FallbackBackend(backends)

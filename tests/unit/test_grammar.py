@@ -3,6 +3,7 @@ validates against its schema, at temperature 1 over several seeds; bad specs are
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -15,7 +16,7 @@ from braid.runtime.kernels.bitmask import apply_bitmask_reference as apply_bitma
 from tests.engine_helpers import make_engine_model
 
 SAMPLED = {"temperature": 1.0, "max_new_tokens": 80}
-BACKENDS = ["xgrammar", "outlines"]
+BACKENDS = ["xgrammar", "outlines"] + (["llguidance"] if importlib.util.find_spec("llguidance") else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -102,7 +103,7 @@ def test_ebnf_choices(folder, make_engine):
 @pytest.mark.parametrize("params, field", [
     ({"json_schema": "{not json"}, "json_schema"),
     ({"regex": "(unclosed"}, "regex"),
-    ({"ebnf": "root ::= "}, "ebnf"),
+    ({"ebnf": "root ::= \"unclosed"}, "ebnf"),
     ({"regex": "a", "json_schema": {"type": "string"}}, "regex"),
 ])  # fmt: skip
 def test_bad_specs_name_the_field(folder, make_engine, params, field):

@@ -104,9 +104,11 @@ def generate_corpus(eng, names: list[str], kind: str, seeds: int, max_new_tokens
     return [(n, o) for (n, _), o in zip(jobs, outs)]
 
 
+@pytest.mark.parametrize("backend", ["xgrammar", "auto"])
 @pytest.mark.parametrize("kind", ["json_schema", "regex"])
-def test_random_model_outputs_are_valid_on_xgrammar(random_model, make_engine, kind):
-    eng = make_engine(random_model, max_total_tokens=65536, max_running_requests=128)
+def test_random_model_outputs_are_valid(random_model, make_engine, kind, backend):
+    """On xgrammar, and on the default order (llguidance first where installed, as in CI)."""
+    eng = make_engine(random_model, max_total_tokens=65536, max_running_requests=128, grammar_backend=backend)
     names = sorted(SCHEMAS if kind == "json_schema" else REGEXES)
     results = generate_corpus(eng, names, kind, seeds=2, max_new_tokens=256)
     finished = [(n, o) for n, o in results if o["meta_info"]["finish_reason"]["type"] == "stop"]
@@ -133,7 +135,7 @@ DEFAULT_MODEL_SCHEMAS = ["sentiment_classification", "geo_point", "named_entitie
 
 
 def test_default_model_outputs_are_valid(smollm2_hf_dir, make_engine):
-    eng = make_engine(smollm2_hf_dir, max_total_tokens=8192)
+    eng = make_engine(smollm2_hf_dir, max_total_tokens=8192)  # the default grammar backend order
     results = generate_corpus(eng, DEFAULT_MODEL_SCHEMAS, "json_schema", seeds=2, max_new_tokens=160)
     finished = [(n, o) for n, o in results if o["meta_info"]["finish_reason"]["type"] == "stop"]
     assert len(finished) >= len(results) // 2, [o["text"][:80] for _, o in results]
