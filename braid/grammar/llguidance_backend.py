@@ -86,7 +86,7 @@ class LLGuidanceBackend:
             grammar = llg.LLMatcher.grammar_from_regex(normalize_regex(spec.spec))
         elif spec.kind == "json_schema":
             try:
-                schema = prepare_schema(spec.spec)
+                schema = _without_unique_items(json.loads(prepare_schema(spec.spec)))
             except json.JSONDecodeError as e:
                 raise GrammarError(spec.kind, f"not valid JSON: {e}") from e
             ws = {"whitespace_flexible": True} if spec.any_whitespace else {
@@ -109,3 +109,16 @@ class LLGuidanceBackend:
 
     def matcher(self, compiled: str) -> LLGuidanceMatcher:
         return LLGuidanceMatcher(self._llg.LLMatcher(self._tokenizer, compiled, log_level=0), self._stops)
+
+
+def _without_unique_items(node):
+    """The schema without ``uniqueItems``, which llguidance refuses outright (no grammar can
+    enforce it) and which real-world schemas use a lot: everything else stays enforced by
+    llguidance rather than falling to a looser backend, and the output's validation reports any
+    duplicate."""
+    if isinstance(node, list):
+        return [_without_unique_items(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: v if k in ("enum", "const", "default", "examples") else _without_unique_items(v)
+            for k, v in node.items() if not (k == "uniqueItems" and isinstance(v, bool))}  # not a property named so

@@ -282,3 +282,14 @@ def test_a_schema_that_cannot_be_checked_is_never_reported_valid():
 def test_references_no_backend_can_follow_are_refused(backends, name, schema, problem):
     with pytest.raises(GrammarError, match=re.escape(problem)):
         backends[name].compile(GrammarSpec("json_schema", json.dumps(schema)))
+
+
+@pytest.mark.skipif("llguidance" not in BACKENDS, reason="llguidance is not installed")
+def test_llguidance_enforces_a_schema_with_unique_items_but_that_keyword(backends, hf_tok):
+    schema = {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True, "maxItems": 2}
+    backend = backends["llguidance"]
+    compiled = backend.compile(GrammarSpec("json_schema", json.dumps(schema)))
+    for text, taken in (('["a","b"]', True), ('["a","a"]', True), ('["c"]', False)):
+        m = backend.matcher(compiled)
+        ok = all(m.accept_token(t) for t in hf_tok.encode(text, add_special_tokens=False)) and m.accept_token(2)
+        assert ok is taken, text
