@@ -65,6 +65,29 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def set_token_bits(words: torch.Tensor, token_ids, allowed: bool) -> None:
+    """Allow (or ban) ``token_ids`` in one mask row of int32 words, in place; ids past the row's
+    width are ignored. Bit 31 of a word is its sign bit, hence the int32 arithmetic."""
+    for t in token_ids:
+        if t < words.numel() * 32:
+            bit = (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)
+            if allowed:
+                words[t // 32] |= bit
+            else:
+                words[t // 32] &= ~bit
+
+
+def utf8_prefix(b: bytes) -> str:
+    """The longest prefix of ``b`` made of whole UTF-8 characters, decoded (a forced string may
+    stop inside a character)."""
+    for cut in range(len(b), max(-1, len(b) - 4), -1):
+        try:
+            return b[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return ""
+
+
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """``(rows, ceil(V / 32))`` int32, every token allowed."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)

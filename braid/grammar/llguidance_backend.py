@@ -13,10 +13,9 @@ import json
 
 import torch
 
-from braid.grammar.base import GrammarError, GrammarSpec
-from braid.grammar.outlines_backend import _utf8_prefix
+from braid.grammar.base import GrammarError, GrammarSpec, set_token_bits, utf8_prefix
 from braid.grammar.regex_check import normalize_regex
-from braid.grammar.schema_prep import prepare_schema
+from braid.grammar.schema_prep import SCHEMA_VALUE_KEYS, prepare_schema
 
 
 class LLGuidanceMatcher:
@@ -35,9 +34,7 @@ class LLGuidanceMatcher:
             words.zero_()
         elif self._m.is_stopped():  # complete: only a stop token may follow
             words.zero_()
-            for t in self._stops:
-                if t < words.numel() * 32:
-                    words[t // 32] |= (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)
+            set_token_bits(words, self._stops, allowed=True)
         else:
             self._m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
@@ -63,7 +60,7 @@ class LLGuidanceMatcher:
         return bool(self._history) and self._history[-1][0]
 
     def forced_string(self) -> str:
-        return "" if self._m.is_stopped() else _utf8_prefix(self._m.compute_ff_bytes())
+        return "" if self._m.is_stopped() else utf8_prefix(self._m.compute_ff_bytes())
 
 
 class LLGuidanceBackend:
@@ -120,5 +117,5 @@ def _without_unique_items(node):
         return [_without_unique_items(x) for x in node]
     if not isinstance(node, dict):
         return node
-    return {k: v if k in ("enum", "const", "default", "examples") else _without_unique_items(v)
+    return {k: v if k in SCHEMA_VALUE_KEYS else _without_unique_items(v)
             for k, v in node.items() if not (k == "uniqueItems" and isinstance(v, bool))}  # not a property named so

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from braid.grammar.base import GrammarError, GrammarSpec
+from braid.grammar.base import GrammarError, GrammarSpec, set_token_bits, utf8_prefix
 from braid.grammar.regex_check import normalize_regex
 from braid.grammar.schema_prep import prepare_schema
 from braid.grammar.vocab import token_bytes
@@ -104,9 +104,7 @@ class OutlinesMatcher:
         state = self._guide.get_state()
         words.copy_(self._grammar.mask_words(state, self._guide, words.numel()))
         if state in self._grammar.finals:  # every stop token, not just outlines' one EOS
-            for t in self._stops:
-                if t < words.numel() * 32:
-                    words[t // 32] |= _bit(t % 32)
+            set_token_bits(words, self._stops, allowed=True)
 
     def accept_token(self, token_id: int) -> bool:
         if self._terminated:
@@ -139,29 +137,7 @@ class OutlinesMatcher:
         if self._terminated:
             return ""
         forced = self._grammar.forced_bytes(self._guide.get_state())
-        return forced.decode("utf-8", errors="ignore") if _complete_utf8(forced) else _utf8_prefix(forced)
-
-
-def _bit(i: int) -> int:
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i  # bit 31 of an int32 word is its sign
-
-
-def _complete_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-def _utf8_prefix(b: bytes) -> str:
-    """The longest prefix of ``b`` that is whole UTF-8 characters."""
-    for cut in range(len(b), max(-1, len(b) - 4), -1):
-        try:
-            return b[:cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return ""
+        return utf8_prefix(forced)
 
 
 class OutlinesBackend:

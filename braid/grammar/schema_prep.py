@@ -49,7 +49,7 @@ FORMAT_PATTERNS = {
     "date-time": f"{_DATE}[Tt]{_TIME}",
     "ipv4": rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}",
 }
-_KEEP_AS_DATA = ("enum", "const", "default", "examples")  # values, not schemas
+SCHEMA_VALUE_KEYS = ("enum", "const", "default", "examples")  # values, not schemas
 _MERGEABLE = {"type", "properties", "required", "title", "description"}
 
 
@@ -76,7 +76,7 @@ def _hoist_deep_refs(root: dict) -> dict:
             return [visit(x) for x in node]
         if not isinstance(node, dict):
             return node
-        out = {k: v if k in _KEEP_AS_DATA else visit(v) for k, v in node.items()}
+        out = {k: v if k in SCHEMA_VALUE_KEYS else visit(v) for k, v in node.items()}
         ref = out.get("$ref")
         if isinstance(ref, str) and ref.startswith("#/") and not _is_plain_def(ref):
             if ref not in hoisted:
@@ -129,7 +129,7 @@ def _walk(node: Any, root: Any) -> Any:
     for key in ("anyOf", "oneOf"):
         if isinstance(node.get(key), list) and not ({"anyOf", "oneOf"} - {key}) & set(node):
             node = _distribute(node, root, key)
-    out = {k: v if k in _KEEP_AS_DATA else _walk(v, root) for k, v in node.items()}
+    out = {k: v if k in SCHEMA_VALUE_KEYS else _walk(v, root) for k, v in node.items()}
     if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
         out["prefixItems"] = out.pop("items")
         out["items"] = out.pop("additionalItems", {})  # absent: more items allowed (xgrammar: refused)

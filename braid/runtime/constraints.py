@@ -22,7 +22,8 @@ from braid.grammar import (
     create_backend,
     fill_bitmasks,
 )
-from braid.grammar.base import allocate_bitmask
+from braid.grammar.base import allocate_bitmask, set_token_bits
+from braid.grammar.schema_prep import SCHEMA_VALUE_KEYS
 from braid.runtime.kernels.bitmask import apply_bitmask
 from braid.runtime.sampling_params import SamplingParams
 
@@ -145,8 +146,7 @@ class Constraints:
         words = self._ban_words.get(key)
         if words is None:
             words = allocate_bitmask(1, self.vocab_size)[0]
-            for t in self.banned_ids(params):
-                words[t // 32] &= ~(1 << (t % 32)) if t % 32 != 31 else 0x7FFFFFFF
+            set_token_bits(words, self.banned_ids(params), allowed=False)
             with self._lock:
                 words = self._ban_words.setdefault(key, words)
         return words
@@ -187,7 +187,7 @@ def _python_patterns(node):
         return [_python_patterns(x) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: v if k in ("enum", "const", "default", "examples") else _python_patterns(v) for k, v in node.items()}
+    out = {k: v if k in SCHEMA_VALUE_KEYS else _python_patterns(v) for k, v in node.items()}
     if isinstance(out.get("pattern"), str):
         out["pattern"] = _JS_NAMED_GROUP.sub("(?P<", out["pattern"])
     if isinstance(out.get("patternProperties"), dict):
