@@ -8,10 +8,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from braid import errors
+from braid.backend import EngineBackend
 from braid.config import EngineConfig
+from braid.lang import (
+    ForkGroup,
+    Program,
+    ProgramState,
+    assistant,
+    gen,
+    program,
+    role,
+    select,
+    set_default_backend,
+    system,
+    user,
+)
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineConfig", "errors", "__version__"]
+__all__ = ["Engine", "EngineBackend", "EngineConfig", "ForkGroup", "Program", "ProgramState", "__version__",
+           "assistant", "errors", "gen", "program", "role", "select", "set_default_backend", "system", "user"]
 
 if TYPE_CHECKING:
     from braid.runtime.engine import Engine

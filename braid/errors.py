@@ -63,3 +63,22 @@ class RequestFailedError(BraidError, RuntimeError):
     """A request failed inside the engine (an internal error); other requests are unaffected."""
 
     http_status = 500
+
+
+class UnsupportedFeatureError(BraidError, NotImplementedError):
+    """A program asked a backend for something it cannot do (e.g. ``select`` on an API without
+    prompt log-probabilities); the message names the feature and the backend."""
+
+    http_status = 400
+
+    def __init__(self, feature: str, backend: str) -> None:
+        self.feature = feature
+        self.backend = backend
+        super().__init__(f"{feature} is not supported by the {backend} backend")
+
+
+class ProgramError(BraidError, RuntimeError):
+    """A program could not go on: a node failed (the message names it), or a value it needs came
+    from a node that failed. The original exception is the ``__cause__``."""
+
+    http_status = 500

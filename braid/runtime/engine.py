@@ -14,7 +14,16 @@ from typing import Any
 from braid.config import EngineConfig
 from braid.errors import EngineClosedError, InvalidRequestError, RequestFailedError
 from braid.runtime.constraints import Constraints
-from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown, new_rid
+from braid.runtime.messages import (
+    AbortRequest,
+    AddBatch,
+    AddRequest,
+    FlushCache,
+    GetStats,
+    RequestOutput,
+    Shutdown,
+    new_rid,
+)
 from braid.runtime.model_runner import ModelRunner
 from braid.runtime.model_source import resolve_model_path
 from braid.runtime.policy import POLICIES
@@ -68,10 +77,13 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
-        logprob_start_len: int = -1,
+        logprob_start_len: int | list[int] = -1,
         stream: bool = False,
     ) -> Any:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
+
+        ``logprob_start_len`` may be a list with one value per prompt. A list of prompts reaches
+        the scheduler as one message, so its requests are admitted together.
 
         ``stream=True`` (single prompt, n == 1) returns an iterator of dicts whose ``text`` pieces
         concatenate to the final text; the last one carries ``meta_info`` with ``finish_reason``.
@@ -103,7 +115,7 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
-        logprob_start_len: int = -1,
+        logprob_start_len: int | list[int] = -1,
         stream: bool = False,
     ) -> Any:
         """As ``generate``, for asyncio callers; ``stream=True`` returns an async iterator."""
@@ -178,11 +190,13 @@ class Engine:
         return self._wait_all(inp.items)
 
     def _wait_all(self, msgs: list[AddRequest]) -> list[dict]:
-        queues = []
-        for msg in msgs:
-            q: queue.Queue = queue.Queue()
-            self._submit(msg, q.put)
-            queues.append(q)
+        queues: list[queue.Queue] = [queue.Queue() for _ in msgs]
+        if self._closed or not self._thread.is_alive():
+            raise EngineClosedError("the engine is shut down")
+        with self._lock:
+            for msg, q in zip(msgs, queues):
+                self._sinks[msg.rid] = q.put
+        self.scheduler.inbox.put(msgs[0] if len(msgs) == 1 else AddBatch(list(msgs)))
         outs: list[RequestOutput] = []
         try:
             for q in queues:

@@ -30,6 +30,13 @@ class AddRequest(msgspec.Struct, frozen=True):
     stream: bool = False
 
 
+class AddBatch(msgspec.Struct, frozen=True):
+    """Requests that arrive together (a batch call, a fork group's gens, a select's choices):
+    the scheduler sees all of them in the same step, so they are admitted over one prefix."""
+
+    items: list[AddRequest]
+
+
 class AbortRequest(msgspec.Struct, frozen=True):
     rid: str
 

@@ -69,14 +69,26 @@ def _params_list(sampling_params: Any, count: int) -> list[SamplingParams]:
     return [SamplingParams.from_dict(sampling_params)] * count
 
 
+def _starts_list(logprob_start_len: Any, count: int) -> list[int]:
+    """One int for every prompt, or a list with one per prompt (as SGLang's batch requests)."""
+    if isinstance(logprob_start_len, list):
+        if len(logprob_start_len) != count:
+            raise InvalidRequestError("logprob_start_len", f"{len(logprob_start_len)} given for {count} prompts")
+        for v in logprob_start_len:
+            _check_int("logprob_start_len", v, -1)
+        return list(logprob_start_len)
+    _check_int("logprob_start_len", logprob_start_len, -1)
+    return [logprob_start_len] * count
+
+
 def normalize_generate_args(
     engine, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream
 ) -> GenerateInput:
     _check_bool("return_logprob", return_logprob)
     _check_bool("stream", stream)
     _check_int("top_logprobs_num", top_logprobs_num, 0)
-    _check_int("logprob_start_len", logprob_start_len, -1)
     seqs, is_batch = _prompts_to_ids(engine, prompt, input_ids)
+    starts = _starts_list(logprob_start_len, len(seqs))
     params = _params_list(sampling_params, len(seqs))
     ns = {p.n for p in params}
     if len(ns) > 1:
@@ -88,20 +100,18 @@ def normalize_generate_args(
         p.validate_token_ids(engine.vocab_size)
         engine.constraints.check(p)  # compiles now, on the caller's thread (cached)
     items, warmups = [], []
-    for seq, p in zip(seqs, params):
+    for seq, p, start in zip(seqs, params, starts):
         if len(seq) >= engine.context_len:
             raise InvalidRequestError(
                 "prompt", f"{len(seq)} tokens; the context length is {engine.context_len} (prompt + output)"
             )
-        if logprob_start_len >= len(seq):
-            raise InvalidRequestError(
-                "logprob_start_len", f"{logprob_start_len} is past the prompt's {len(seq)} tokens"
-            )
+        if start >= len(seq):
+            raise InvalidRequestError("logprob_start_len", f"{start} is past the prompt's {len(seq)} tokens")
         common = dict(
             input_ids=seq,
             return_logprob=return_logprob,
             top_logprobs_num=top_logprobs_num,
-            logprob_start_len=logprob_start_len if return_logprob else -1,
+            logprob_start_len=start if return_logprob else -1,
             stream=stream,
         )
         if n > 1:

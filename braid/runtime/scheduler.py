@@ -27,7 +27,7 @@ from braid.runtime.batch import build_decode_batch, build_extend_batch
 from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
-from braid.runtime.messages import AbortRequest, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
+from braid.runtime.messages import AbortRequest, AddBatch, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
 from braid.runtime.model_runner import ModelRunner
 from braid.runtime.outputs import PROMPT_TAIL, OutputProcessor
 from braid.runtime.policy import POLICIES
@@ -97,11 +97,12 @@ class Scheduler:
             except queue.Empty:
                 return
             block = False
-            if isinstance(msg, AddRequest):
-                try:
-                    self._add(msg)
-                except Exception as exc:  # the front validates; this is a last line of defence
-                    self.on_output(RequestOutput(msg.rid, "", [], True, {}, error=f"bad request: {exc}"))
+            if isinstance(msg, (AddRequest, AddBatch)):
+                for item in msg.items if isinstance(msg, AddBatch) else [msg]:
+                    try:
+                        self._add(item)
+                    except Exception as exc:  # the front validates; this is a last line of defence
+                        self.on_output(RequestOutput(item.rid, "", [], True, {}, error=f"bad request: {exc}"))
             elif isinstance(msg, AbortRequest):
                 self._abort(msg.rid)
             elif isinstance(msg, GetStats):

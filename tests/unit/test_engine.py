@@ -161,6 +161,19 @@ def test_prompt_logprobs_match_transformers(eng, hf_llama):
     assert out["output_ids"] == [] and out["meta_info"]["completion_tokens"] == 0
 
 
+def test_prompt_logprob_starts_per_prompt(eng):
+    prompts = random_prompts(3, 12, 18, 512, seed=9)
+    starts = [2, 0, 7]
+    outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                        logprob_start_len=starts)
+    for prompt, start, out in zip(prompts, starts, outs):
+        assert [t for _, t, _ in out["meta_info"]["input_token_logprobs"]] == prompt[start:]
+    with pytest.raises(InvalidRequestError, match="logprob_start_len: 2 given for 3 prompts"):
+        eng.generate(input_ids=prompts, return_logprob=True, logprob_start_len=[0, 1])
+    with pytest.raises(InvalidRequestError, match="logprob_start_len"):
+        eng.generate(input_ids=prompts, return_logprob=True, logprob_start_len=[0, 1, "2"])
+
+
 def test_n_samples_share_the_prompt(eng):
     prompt = random_prompts(1, 25, 25, 512, seed=8)[0]
     outs = eng.generate(

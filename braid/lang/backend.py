@@ -1,0 +1,61 @@
+"""What the interpreter needs from a backend: one method per kind of work a node asks for.
+
+``braid/backend/`` implements it (in-process Engine today; HTTP and OpenAI-compatible APIs
+later). Every call takes a list of prompts: a fork group's children, or a select's choices,
+reach the runtime together (program-aware execution). A backend that cannot do a feature
+raises :class:`braid.errors.UnsupportedFeatureError` naming the feature and itself.
+
+Threading: program states call a backend from many threads at once; implementations must be
+thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from braid.lang.chat_template import RoleMarkers
+from braid.lang.choices import ChoiceLogprobs
+
+
+@dataclass(frozen=True)
+class GenCall:
+    """One generation: the prompt text so far and the runtime's sampling dict (API.md names)."""
+
+    prompt: str
+    sampling: dict[str, Any]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+@dataclass(frozen=True)
+class GenResult:
+    text: str
+    meta_info: dict[str, Any]
+
+
+class Backend(Protocol):
+    name: str  # for error messages ("engine", "endpoint http://...", "openai gpt-4o")
+
+    def role_markers(self) -> RoleMarkers:
+        """The model's chat-template role markers (plain ones for base models)."""
+        ...
+
+    def generate(self, calls: list[GenCall]) -> list[GenResult]:
+        """Run every call (together, where the backend can) and return results in order."""
+        ...
+
+    def generate_stream(self, call: GenCall, on_text: Callable[[str], None]) -> GenResult:
+        """Run one call, passing text pieces to ``on_text`` as they are generated."""
+        ...
+
+    def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
+                      ) -> list[list[ChoiceLogprobs]]:
+        """For each prompt, each choice's token log-probabilities after it (and after a start
+        token only, when ``unconditional``)."""
+        ...
+
+    def cache_prefix(self, prompt: str) -> None:
+        """Make ``prompt``'s KV cached before a fork's children run (no-op where meaningless)."""
+        ...
