@@ -19,8 +19,8 @@ def _adapt_engine(obj: Any) -> EngineBackend | None:
     engine_module = sys.modules.get("braid.runtime.engine")  # not loaded: obj cannot be an Engine
     if engine_module is None or not isinstance(obj, engine_module.Engine):
         return None
-    if obj not in _per_engine:
-        _per_engine[obj] = EngineBackend(obj)
+    if obj not in _per_engine:  # the backend holds a proxy: a cached backend must not keep its engine alive
+        _per_engine[obj] = EngineBackend(weakref.proxy(obj))
     return _per_engine[obj]
 
 

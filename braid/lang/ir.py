@@ -31,6 +31,7 @@ GEN_SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
     "repetition_penalty": (int, float),
     "seed": int,
     "ignore_eos": bool,
+    "any_whitespace": bool,
 }
 SAMPLING_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "choices")
@@ -191,6 +192,7 @@ def gen(
     repetition_penalty: float | None = None,
     seed: int | None = None,
     ebnf: str | None = None,
+    any_whitespace: bool | None = None,
 ) -> Gen:
     """Generate into variable ``name``. Parameters left None take the run's defaults, then the
     runtime's. At most one of ``regex``, ``json_schema`` (str, dict or Pydantic class), ``ebnf``,
@@ -200,7 +202,8 @@ def gen(
     given = dict(max_tokens=max_tokens, min_tokens=min_tokens, stop=stop, stop_token_ids=stop_token_ids,
                  temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                 repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos)
+                 repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
+                 any_whitespace=any_whitespace)
     sampling = {k: v for k, v in given.items() if v is not None}
     check_sampling_types(where, sampling)
     constraints = {k: v for k, v in dict(regex=regex, json_schema=json_schema, ebnf=ebnf, choices=choices).items()

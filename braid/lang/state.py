@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from braid.errors import InvalidRequestError, ProgramError
-from braid.lang.ir import Gen, Select, SetVar, as_node, flatten, role, role_end
+from braid.lang.ir import Gen, Node, Select, SetVar, as_node, flatten, role, role_end
 
 _END = object()
 
@@ -40,23 +40,28 @@ class ProgramState:
         self._messages: list[dict[str, str]] = []
         self.open_role: tuple[str, int] | None = None  # (role, text length where its content starts)
         self._cv = threading.Condition()
-        self._queue: deque[Callable[[], None]] = deque()
+        self._queue: deque[tuple[Callable[[], None], tuple[str, ...]]] = deque()
+        self._pending: dict[str, int] = {}  # variable -> queued nodes that will set it
         self._busy = False
         self._done = not stream  # a streamed run is done when its program function has returned
 
     # ---- writing (any thread) -------------------------------------------------------------------
     def __iadd__(self, other: Any) -> ProgramState:
         node = as_node(other, "s += ...")
-        self.submit(lambda: self._interp.run(self, node))
+        self.submit(lambda: self._interp.run(self, node), names_set_by(node))
         return self
 
     def __setitem__(self, name: str, value: Any) -> None:
         node = SetVar(name, value)
-        self.submit(lambda: self._interp.run(self, node))
+        self.submit(lambda: self._interp.run(self, node), (name,))
 
-    def submit(self, work: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], None], names: tuple[str, ...] = ()) -> None:
+        """Queue ``work``, which sets variables ``names``: until it has run, reading one of
+        them waits for it (not for an older value of the same name)."""
         with self._cv:
-            self._queue.append(work)
+            self._queue.append((work, names))
+            for name in names:
+                self._pending[name] = self._pending.get(name, 0) + 1
             if not self._busy:
                 self._busy = True
                 threading.Thread(target=self._drain, name="braid-program", daemon=True).start()
@@ -68,17 +73,19 @@ class ProgramState:
                     self._busy = False
                     self._cv.notify_all()
                     return
-                work = self._queue.popleft()
-            if self.error is not None:
-                skip = getattr(work, "skip", None)  # a group task must still hear from every member
-                if skip is not None:
-                    skip()
-                continue
+                work, names = self._queue.popleft()
             try:
-                work()
+                if self.error is None:
+                    work()
+                elif hasattr(work, "skip"):  # a group task must still hear from every member
+                    work.skip()
             except BaseException as exc:  # kept, and raised to whoever reads a value it lacks
                 with self._cv:
                     self.error = exc
+            finally:
+                with self._cv:
+                    for name in names:
+                        self._pending[name] -= 1
                     self._cv.notify_all()
 
     # ---- roles as blocks ---------------------------------------------------------------------------
@@ -99,7 +106,7 @@ class ProgramState:
 
     def __getitem__(self, name: str) -> Any:
         with self._cv:
-            self._cv.wait_for(lambda: name in self._vars or not self._busy)
+            self._cv.wait_for(lambda: (name in self._vars and not self._pending.get(name)) or not self._busy)
             if name in self._vars:
                 return self._vars[name]
         self._raise_error(f"variable {name!r}")
@@ -233,6 +240,10 @@ class ProgramState:
         return child
 
 
+def names_set_by(node: Node) -> tuple[str, ...]:
+    return tuple(leaf.name for leaf in flatten(node) if isinstance(leaf, (Gen, Select, SetVar)) and leaf.name)
+
+
 class _RoleBlock:
     """``with s.user(): s += ...``: the role's begin marker on entry, its end on exit."""
 
@@ -278,7 +289,7 @@ class ForkGroup:
             return self
         task = _GroupTask(self.children, lambda states: self.children[0]._interp.run_group(states, node))
         for child in self.children:
-            child.submit(task.bind(child))
+            child.submit(task.bind(child), names_set_by(node))
         return self
 
     def sync(self) -> None:

@@ -23,15 +23,17 @@ class SlotAllocator:
         self.device = torch.device(device)
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=self.device)
         self._free_chunks: list[torch.Tensor] = []  # freed slots, merged lazily
+        self._chunked = 0  # slots in _free_chunks (num_free is asked every step: no sum over chunks)
 
     def _merge(self) -> None:
         if self._free_chunks:
             self._free = torch.cat([self._free, *self._free_chunks])
             self._free_chunks = []
+            self._chunked = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free) + sum(len(c) for c in self._free_chunks)
+        return len(self._free) + self._chunked
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
@@ -47,6 +49,7 @@ class SlotAllocator:
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
             self._free_chunks.append(slots.to(self.device, torch.int64))
+            self._chunked += len(slots)
 
 
 class ReqToTokenPool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from braid.config import EngineConfig
 from braid.runtime.forward_batch import ForwardBatch
@@ -13,6 +14,9 @@ from braid.runtime.loader import ModelInfo, load_model
 from braid.runtime.memory import KVPool
 
 CPU_DEFAULT_TOTAL_TOKENS = 16384
+# cuDNN's SDPA failed on an H200 for some masked extend shapes ("mha_graph.execute ... is_good()",
+# torch 2.11) and builds a graph per new shape; the other kernels take every shape braid sends.
+SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,4 +62,5 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits ``(len(batch.logits_rows), vocab)`` float32; writes the new tokens' K/V."""
-        return self.model(batch, self.kv, self.attn)
+        with sdpa_kernel(SDPA_KERNELS):
+            return self.model(batch, self.kv, self.attn)

@@ -347,3 +347,29 @@ def test_programs_call_other_programs_inline():
         inner(s, "b")
 
     assert outer.run(backend=Scripted(answer=lambda p, _: str(len(p)))).text() == "a1b3"
+
+
+def test_reading_a_variable_waits_for_the_node_that_sets_it_again():
+    counter = iter(range(100))
+    be = Scripted(answer=lambda *_: str(next(counter)))
+
+    @bd.program
+    def p(s):
+        s += bd.gen("x")
+        first = s["x"]
+        s += " then " + bd.gen("x")
+        s["x"] = s["x"] + "!"  # reads the second gen's value, then queues a third write
+        s["seen"] = (first, s["x"])
+
+    st = p.run(backend=be)
+    assert st["seen"] == ("0", "1!") and st["x"] == "1!"
+
+
+def test_any_whitespace_reaches_the_runtime():
+    be = Scripted(answer=lambda prompt, sampling: str(sampling.get("any_whitespace")))
+
+    @bd.program
+    def p(s):
+        s += bd.gen("a", json_schema={"type": "object"}, any_whitespace=True)
+
+    assert p.run(backend=be)["a"] == "True"

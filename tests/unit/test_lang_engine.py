@@ -156,6 +156,23 @@ def test_bad_sampling_values_name_the_gen(eng):
         p.run(backend=eng, max_tokens=-2)
 
 
+def test_running_programs_does_not_keep_the_engine_alive(llama_dir):
+    import gc
+    import weakref
+
+    @bd.program
+    def p(s):
+        s += "x" + bd.gen("g", max_tokens=2)
+
+    eng = bd.Engine(model_path=llama_dir, max_total_tokens=1024, cpu_threads=1)
+    p.run(backend=eng)
+    ref = weakref.ref(eng)
+    eng.shutdown()
+    del eng
+    gc.collect()
+    assert ref() is None  # its KV pool is freed, so a next engine (or model) gets the memory
+
+
 @pytest.mark.slow
 def test_chat_program_on_the_default_model(smollm2_hf_dir, make_engine):
     eng = make_engine(smollm2_hf_dir)
