@@ -7,7 +7,7 @@ import torch
 
 from braid.errors import UnknownNameError
 from braid.runtime.forward_batch import ForwardBatch, ForwardMode
-from braid.runtime.layers.attention import ATTENTION_BACKENDS, create_attention_backend
+from braid.runtime.layers.attention import ATTENTION_BACKENDS, _buckets, create_attention_backend
 from braid.runtime.memory import KVPool
 
 HEAD_DIM = 8
@@ -43,7 +43,7 @@ def run_backend(mode, prefix_lens, new_lens, group, window, seed):
     kv.k[0].copy_(rand(*kv.k[0].shape))  # garbage a wrong read would pick up
     kv.v[0].copy_(rand(*kv.v[0].shape))
     order = (torch.randperm(total + 5, generator=gen) + 1)[:total]
-    table = torch.zeros(len(prefix_lens), 64, dtype=torch.int64)
+    table = torch.zeros(len(prefix_lens), 128, dtype=torch.int64)
     qs, ks, vs, out_slots, expected, used = [], [], [], [], [], 0
     for i, (p, n) in enumerate(zip(prefix_lens, new_lens)):
         q, k, v = (
@@ -74,7 +74,8 @@ def run_backend(mode, prefix_lens, new_lens, group, window, seed):
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("prefix_lens, new_lens", [
     ([0, 5, 11, 2], [7, 3, 1, 9]),  # similar sizes: one padded call for the batch
-    ([0, 30, 1], [1, 25, 2]),  # skewed sizes: the per-request loop
+    ([0, 30, 1], [1, 25, 2]),  # skewed sizes: buckets, some of one request
+    ([40, 38, 41, 0, 2, 30, 33, 1, 5, 20], [3, 2, 3, 20, 18, 1, 1, 2, 9, 30]),  # several buckets and singles
     ([4], [6]),  # a single request
 ])  # fmt: skip
 def test_extend_matches_dense(group, window, prefix_lens, new_lens):
@@ -82,6 +83,26 @@ def test_extend_matches_dense(group, window, prefix_lens, new_lens):
     out, expected, *_ = run_backend(ForwardMode.EXTEND, prefix_lens, new_lens, group, window, seed=group)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_buckets_partition_the_requests_and_bound_padding():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        b = int(torch.randint(2, 40, (1,), generator=gen))
+        ext = torch.randint(0, 60, (b,), generator=gen).tolist()
+        pre = torch.randint(0, 300, (b,), generator=gen).tolist()
+        seq = [p + n for p, n in zip(pre, ext)]
+        batch = ForwardBatch(
+            mode=ForwardMode.EXTEND, input_ids=torch.zeros(sum(ext), dtype=torch.int64),
+            positions=torch.zeros(sum(ext), dtype=torch.int64), out_slots=torch.zeros(sum(ext), dtype=torch.int64),
+            req_rows=torch.arange(b), seq_lens=torch.tensor(seq), prefix_lens_cpu=pre, extend_lens_cpu=ext,
+            seq_lens_cpu=seq, logits_rows=torch.arange(b), req_to_token=torch.zeros(b, 400, dtype=torch.int64),
+        )  # fmt: skip
+        buckets = _buckets(batch)
+        assert sorted(i for bk in buckets for i in bk) == [i for i in range(b) if ext[i]]
+        for bk in buckets:
+            padded = len(bk) * max(ext[i] for i in bk) * max(seq[i] for i in bk)
+            assert padded <= 2 * sum(ext[i] * seq[i] for i in bk) or len(bk) == 1
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])

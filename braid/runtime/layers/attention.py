@@ -59,25 +59,33 @@ def create_attention_backend(name: str, **kwargs) -> AttentionBackend:
 @ATTENTION_BACKENDS.register("torch")
 class TorchAttention(AttentionBackend):
     """Reference backend on ``scaled_dot_product_attention``. Requests are padded into one
-    ``(B, n_max)`` x ``(B, L_max)`` SDPA call per layer (always in DECODE, where n_max = 1; in
-    EXTEND when padding at most doubles the work); other EXTEND batches loop over requests."""
+    ``(B, n_max)`` x ``(B, L_max)`` SDPA call per layer: the whole batch when that at most
+    doubles the work (always in DECODE, where n_max = 1); otherwise requests of similar size
+    are grouped into buckets that each pass that test, and a request alone takes its own call.
+    (One call per request was the bottleneck of select and fork batches: hundreds of short
+    extends over long cached prefixes, i.e. thousands of launches per layer.)"""
 
     def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
         kv.store(layer, batch.out_slots, k, v)
+        group = q.shape[1] // k.shape[1]
         if batch.mode is ForwardMode.DECODE or _padding_pays(batch):
-            group = q.shape[1] // k.shape[1]
             key = ("padded", sliding_window, group)
             if key not in batch.attn_memo:
                 batch.attn_memo[key] = _padded_plan(batch, sliding_window, group)
             return _padded_attention(layer, q, kv, scale, batch.attn_memo[key])
-        return self._extend_loop(layer, q, batch, kv, scale, sliding_window)
-
-    def _extend_loop(self, layer, q, batch, kv, scale, window):
-        out = torch.empty_like(q)
-        key = ("extend", window)
+        key = ("buckets", sliding_window, group)
         if key not in batch.attn_memo:
-            batch.attn_memo[key] = _extend_plan(batch, window)
-        for start, n, slots, mask in batch.attn_memo[key]:
+            batch.attn_memo[key] = _bucket_plans(batch, sliding_window, group)
+        singles, padded = batch.attn_memo[key]
+        out = torch.empty_like(q)
+        for plan, dest_rows in padded:
+            out.index_copy_(0, dest_rows, _padded_attention(layer, q, kv, scale, plan))
+        self._extend_loop(layer, q, kv, scale, singles, out)
+        return out
+
+    @staticmethod
+    def _extend_loop(layer, q, kv, scale, plan, out) -> None:
+        for start, n, slots, mask in plan:
             keys = kv.k[layer][slots].transpose(0, 1)  # (Hkv, L, D)
             values = kv.v[layer][slots].transpose(0, 1)
             query = q[start : start + n].transpose(0, 1)  # (Hq, n, D)
@@ -86,7 +94,6 @@ class TorchAttention(AttentionBackend):
                 is_causal=mask is None, scale=scale, enable_gqa=True,
             )  # fmt: skip
             out[start : start + n] = o.transpose(0, 1)
-        return out
 
 
 def _padding_pays(batch: ForwardBatch) -> bool:
@@ -96,6 +103,37 @@ def _padding_pays(batch: ForwardBatch) -> bool:
         return False
     return (bsz * max(batch.extend_lens_cpu) <= 2 * batch.num_tokens
             and bsz * max(batch.seq_lens_cpu) <= 2 * sum(batch.seq_lens_cpu))
+
+
+def _buckets(batch: ForwardBatch) -> list[list[int]]:
+    """Requests with new tokens in groups (by extend length, then length) such that padding a
+    group to its longest member at most doubles its attention work (queries x keys)."""
+    ext, seq = batch.extend_lens_cpu, batch.seq_lens_cpu
+    order = sorted((i for i in range(batch.batch_size) if ext[i]), key=lambda i: (ext[i], seq[i]))
+    buckets: list[list[int]] = []
+    work = max_seq = 0
+    for i in order:  # ascending extend length: the newest member has the longest extend
+        if buckets and (len(buckets[-1]) + 1) * ext[i] * max(max_seq, seq[i]) <= 2 * (work + ext[i] * seq[i]):
+            buckets[-1].append(i)
+            work, max_seq = work + ext[i] * seq[i], max(max_seq, seq[i])
+        else:
+            buckets.append([i])
+            work, max_seq = ext[i] * seq[i], seq[i]
+    return buckets
+
+
+def _bucket_plans(batch: ForwardBatch, window: int | None, group: int):
+    """(per-request plan of the requests alone in their bucket, [(padded plan, packed rows)])."""
+    starts = batch.extend_starts_cpu
+    singles, padded = [], []
+    for bucket in _buckets(batch):
+        if len(bucket) == 1:
+            singles.append(bucket[0])
+            continue
+        rows = [starts[i] + j for i in bucket for j in range(batch.extend_lens_cpu[i])]
+        dest = torch.tensor(rows, dtype=torch.int64, device=batch.input_ids.device)
+        padded.append((_padded_plan(batch, window, group, bucket), dest))
+    return _extend_plan(batch, window, singles), padded
 
 
 class PaddedPlan(NamedTuple):
@@ -109,29 +147,37 @@ class PaddedPlan(NamedTuple):
     l_max: int
 
 
-def _padded_plan(batch: ForwardBatch, window: int | None, group: int) -> PaddedPlan:
+def _padded_plan(batch: ForwardBatch, window: int | None, group: int, idx: list[int] | None = None) -> PaddedPlan:
+    """The plan for requests ``idx`` of the batch (all of them when None), in that order."""
     dev = batch.input_ids.device
     t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
-    n_max, l_max = max(batch.extend_lens_cpu), max(batch.seq_lens_cpu)
-    ext, pre, starts = t(batch.extend_lens_cpu), t(batch.prefix_lens_cpu), t(batch.extend_starts_cpu)
+    sel = range(batch.batch_size) if idx is None else idx
+    ext_l = [batch.extend_lens_cpu[i] for i in sel]
+    seq_l = [batch.seq_lens_cpu[i] for i in sel]
+    all_starts = batch.extend_starts_cpu
+    n_max, l_max = max(ext_l), max(seq_l)
+    ext, starts = t(ext_l), t([all_starts[i] for i in sel])
+    pre = t([batch.prefix_lens_cpu[i] for i in sel])
+    seq_lens = batch.seq_lens if idx is None else t(seq_l)
+    req_rows = batch.req_rows if idx is None else batch.req_rows[t(idx)]
     i = torch.arange(n_max, device=dev)
     j = torch.arange(l_max, device=dev)
     q_valid = i[None, :] < ext[:, None]  # (B, n)
     q_rows = (starts[:, None] + i[None, :]).masked_fill(~q_valid, 0)
     q_pos = pre[:, None] + i[None, :]  # (B, n) position of each query
-    k_valid = j[None, :] < batch.seq_lens[:, None]  # (B, L)
+    k_valid = j[None, :] < seq_lens[:, None]  # (B, L)
     mask = (j[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
     if window is not None:
         mask &= j[None, None, :] > q_pos[:, :, None] - window
     mask |= ~q_valid[:, :, None] & (j == 0)[None, None, :]  # padded queries see one key: no NaN
-    kv_idx = batch.req_to_token[batch.req_rows, :l_max].masked_fill(~k_valid, 0)
+    kv_idx = batch.req_to_token[req_rows, :l_max].masked_fill(~k_valid, 0)
     bsz = mask.shape[0]
-    if n_max == 1:  # decode: one query per request, nothing to gather or drop; the mask broadcasts
+    if n_max == 1 and idx is None:  # decode: one query per request, nothing to gather or drop
         return PaddedPlan(None, None, kv_idx.reshape(-1), mask[:, None], n_max, l_max)
     # the G query heads of a KV head are G x n query positions (see _padded_attention)
     mask = mask[:, None, None].expand(bsz, 1, group, n_max, l_max).reshape(bsz, 1, group * n_max, l_max)
     # real rows computed on the host from the lengths: a boolean index would sync the device
-    out_rows = t([b * n_max + i for b, n in enumerate(batch.extend_lens_cpu) for i in range(n)])
+    out_rows = t([b * n_max + i for b, n in enumerate(ext_l) for i in range(n)])
     return PaddedPlan(q_rows.reshape(-1), out_rows, kv_idx.reshape(-1), mask, n_max, l_max)
 
 
@@ -155,12 +201,13 @@ def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, pla
     return o if plan.out_rows is None else o.index_select(0, plan.out_rows)
 
 
-def _extend_plan(batch, window: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-    """Per request with new tokens: (first row, count, KV slots of its whole sequence, mask)."""
+def _extend_plan(batch, window: int | None, idx: list[int]) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """Per request ``i`` in ``idx``: (first row, count, KV slots of its whole sequence, mask)."""
     plan = []
-    rows = batch.req_rows.tolist()
-    for i, start in enumerate(batch.extend_starts_cpu):
-        n, seq_len = batch.extend_lens_cpu[i], batch.seq_lens_cpu[i]
+    rows = batch.req_rows.tolist() if idx else []
+    starts = batch.extend_starts_cpu
+    for i in idx:
+        start, n, seq_len = starts[i], batch.extend_lens_cpu[i], batch.seq_lens_cpu[i]
         if n:
             slots = batch.req_to_token[rows[i], :seq_len]
             plan.append((start, n, slots, _extend_mask(seq_len - n, n, seq_len, window, batch.input_ids.device)))
