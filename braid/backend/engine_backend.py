@@ -69,7 +69,9 @@ class EngineBackend:
     def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
                       ) -> list[list[ChoiceLogprobs]]:
         tok = self.engine.tokenizer
-        start_token = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids)
+        # what the choices are conditioned on when nothing comes before them: BOS, else EOS
+        # (GPT-style models start documents after it), else token 0
+        start_token = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids, default=0)
         seqs: list[list[int]] = []  # every (prompt, choice) sequence, then the unconditional ones
         starts: list[int] = []  # position of each sequence's first choice token
         for prompt in prompts:

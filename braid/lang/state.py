@@ -77,8 +77,12 @@ class ProgramState:
             try:
                 if self.error is None:
                     work()
-                elif hasattr(work, "skip"):  # a group task must still hear from every member
-                    work.skip()
+                else:  # skipped: an older value of a name it would set must not pass for its result
+                    with self._cv:
+                        for name in names:
+                            self._vars.pop(name, None)
+                    if hasattr(work, "skip"):  # a group task must still hear from every member
+                        work.skip()
             except BaseException as exc:  # kept, and raised to whoever reads a value it lacks
                 with self._cv:
                     self.error = exc

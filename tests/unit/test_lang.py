@@ -365,6 +365,18 @@ def test_reading_a_variable_waits_for_the_node_that_sets_it_again():
     assert st["seen"] == ("0", "1!") and st["x"] == "1!"
 
 
+def test_a_value_whose_new_setter_was_skipped_is_not_returned_stale():
+    @bd.program
+    def p(s):
+        s += bd.gen("x")
+        s += "boom" + bd.gen("y")  # fails
+        s += bd.gen("x")  # skipped
+
+    (st,) = p.run_batch([{}], backend=Scripted(fail_on="boom"))  # the failed state, not raised
+    with pytest.raises(ProgramError, match="variable 'x'"):
+        st["x"]
+
+
 def test_any_whitespace_reaches_the_runtime():
     be = Scripted(answer=lambda prompt, sampling: str(sampling.get("any_whitespace")))
 
