@@ -196,3 +196,23 @@ def test_chat_program_on_the_default_model(smollm2_hf_dir, make_engine):
     jsonschema.validate(json.loads(st["person"]), SCHEMA)
     again = qa.run(question="Who wrote Hamlet?", backend=eng, temperature=0)
     assert again.get_meta_info("answer")["cached_tokens"] > 0 and again["answer"] == st["answer"]
+
+
+def test_gen_logprobs_and_sampling_fields_reach_the_engine(eng):
+    @bd.program
+    def p(s, **kw):
+        s += "The quick brown" + bd.gen("g", max_tokens=5, ignore_eos=True, **kw)
+
+    @bd.program
+    def q(s):
+        s += "The quick brown" + bd.gen("g", max_tokens=5, ignore_eos=True, return_logprob=True,
+                                        top_logprobs_num=2, temperature=1.0, top_k=1)
+        s += " / " + bd.gen("h", max_tokens=5, ignore_eos=True, temperature=0, frequency_penalty=1.5,
+                            presence_penalty=0.5, min_p=0.1, top_p=0.9, seed=3)
+
+    st = q.run(backend=eng)
+    meta = st.get_meta_info("g")
+    assert len(meta["output_token_logprobs"]) == 5 and len(meta["output_top_logprobs"][0]) == 2
+    greedy = p.run(backend=eng, temperature=0)["g"]
+    assert st["g"] == greedy  # top_k=1 is greedy whatever the temperature
+    assert st.get_meta_info("h")["completion_tokens"] == 5
