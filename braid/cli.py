@@ -1,5 +1,5 @@
-"""The ``braid`` command: ``braid run FILE.py`` and ``braid generate "prompt"``
-(serve, extract and bench arrive with their issues)."""
+"""The ``braid`` command: ``braid run FILE.py``, ``braid generate "prompt"``, ``braid serve``
+(extract and bench arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import runpy
 import sys
 
-from braid.config import EngineConfig, add_cli_args, from_cli_args
+from braid.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
 from braid.errors import BraidError
 
 
@@ -29,6 +29,13 @@ def _generate(args: argparse.Namespace) -> int:
         for piece in eng.generate(prompt=prompt, sampling_params=params, stream=True):
             print(piece["text"], end="", flush=True)
         print()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from braid.server import serve
+
+    serve(from_cli_args(args, EngineConfig), from_cli_args(args, ServerConfig))
     return 0
 
 
@@ -54,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the whole result as JSON")
     add_cli_args(gen, EngineConfig)
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser("serve", help="serve the HTTP API (/generate, OpenAI /v1/*) on 127.0.0.1:30000")
+    add_cli_args(srv, ServerConfig)
+    add_cli_args(srv, EngineConfig)
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -79,6 +79,21 @@ class EngineConfig:
         return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``braid serve`` listens; the engine's own settings are an EngineConfig."""
+
+    host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = _opt(30000, "TCP port")
+    api_key: str | None = _opt(None, "require Authorization: Bearer KEY on every route but /health")
+    served_model_name: str | None = _opt(None, "model id in /v1/models and responses; unset = the model's name")
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError("port", f"got {self.port}, allowed: 0..65535")
+
+
 def _check_field_types(config: Any) -> None:
     """Every field holds its annotated type (bool is not an int; an int is a fine float)."""
     hints = get_type_hints(type(config))

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -57,6 +59,7 @@ class Engine:
         self._lock = threading.Lock()
         self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)
         self._closed = False
+        self.started_at = time.time()
         self._thread = threading.Thread(target=self._run_scheduler, name="braid-scheduler", daemon=True)
         self._thread.start()
 
@@ -68,6 +71,16 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self.runner.info.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as servers report it: its folder's (or .gguf file's) name."""
+        path = self.config.model_path or self.model_folder
+        return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._closed and self._thread.is_alive()
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(

@@ -118,10 +118,16 @@ class OutputProcessor:
     def emit_progress(self, req: Req) -> None:
         if not req.stream:
             return
-        delta_ids = req.output_ids[req.sent_ids :]
+        start = req.sent_ids
+        delta_ids = req.output_ids[start:]
         req.sent_ids = len(req.output_ids)
         text, req.pending_text = req.pending_text, ""
-        self.on_output(RequestOutput(req.rid, text, delta_ids, False, {}))
+        meta = {}
+        if req.return_logprob:  # the new tokens' logprobs travel with them
+            meta["output_token_logprobs"] = req.output_logprobs[start:]
+            if req.top_logprobs_num:
+                meta["output_top_logprobs"] = req.output_top_logprobs[start:]
+        self.on_output(RequestOutput(req.rid, text, delta_ids, False, meta))
 
     def emit(self, req: Req, error: str | None = None) -> None:
         """The final message of a request (finished, aborted or failed)."""

@@ -1,0 +1,131 @@
+"""Request bodies of the HTTP API as msgspec Structs, and their decoding.
+
+Decoding rejects unknown fields and wrong types with InvalidRequestError naming the field
+(``$.messages[0].role`` style paths become ``messages[0].role``). OpenAI fields braid accepts
+but has no use for are listed in ``IGNORED``; fields it cannot honour are refused by the route
+with a message naming them (``tools``, ``logit_bias``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from braid.errors import InvalidRequestError
+
+# OpenAI fields accepted and ignored (documented in docs/server.md)
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort")
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "output"
+    schema: dict | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class Extras(msgspec.Struct, forbid_unknown_fields=True):
+    """braid's own fields on the OpenAI routes (``extra_body`` in the openai client)."""
+
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    any_whitespace: bool | None = None
+
+
+class _Common(Extras, forbid_unknown_fields=True):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    logit_bias: dict | None = None
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+class CompletionRequest(_Common, forbid_unknown_fields=True):
+    prompt: str | list = ""  # a string, strings, token ids, or lists of token ids (checked by the route)
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common, forbid_unknown_fields=True):
+    messages: list[ChatMessage] = []
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """SGLang's ``/generate`` body."""
+
+    text: str | list[str] | None = None
+    input_ids: list | None = None  # token ids or lists of them (checked by the engine)
+    sampling_params: dict | list[dict] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int | list[int] = -1
+    rid: str | list[str] | None = None
+
+
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def decode(body: bytes, cls: type) -> Any:
+    """The body as ``cls``; a malformed body raises InvalidRequestError naming the field."""
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _PATH.search(text)
+        field = (m.group(1) or "body") if m else "body"
+        problem = _PATH.sub("", text)
+        unknown = re.match(r"Object contains unknown field `(.+)`", problem)
+        if unknown:
+            field = f"{field}.{unknown.group(1)}" if field != "body" else unknown.group(1)
+            problem = "unknown field"
+        raise InvalidRequestError(field, problem) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError("body", f"not valid JSON: {exc}") from None
