@@ -7,10 +7,11 @@ import sys
 import weakref
 from typing import Any
 
+from braid.backend.endpoint import RuntimeEndpoint
 from braid.backend.engine_backend import EngineBackend
 from braid.lang.program import BACKEND_ADAPTERS
 
-__all__ = ["EngineBackend"]
+__all__ = ["EngineBackend", "RuntimeEndpoint"]
 
 _per_engine: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

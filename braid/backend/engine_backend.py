@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from braid.backend.scoring import choice_logprobs, choice_requests, start_token_of
 from braid.errors import ProgramError
 from braid.lang.backend import GenCall, GenResult
 from braid.lang.chat_template import PLAIN, RoleMarkers, markers_from_template
@@ -69,23 +70,9 @@ class EngineBackend:
     def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
                       ) -> list[list[ChoiceLogprobs]]:
         tok = self.engine.tokenizer
-        # what the choices are conditioned on when nothing comes before them: BOS, else EOS
-        # (GPT-style models start documents after it), else token 0
-        start_token = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids, default=0)
-        seqs: list[list[int]] = []  # every (prompt, choice) sequence, then the unconditional ones
-        starts: list[int] = []  # position of each sequence's first choice token
-        for prompt in prompts:
-            ids, start = _choice_sequences(tok, prompt, choices, start_token)
-            seqs += ids
-            starts += [start] * len(ids)
-        if unconditional:
-            for choice in choices:
-                seqs.append([start_token, *tok.encode(choice)])
-                starts.append(1)
-        logprobs = self._prompt_logprobs(seqs, starts)
-        k = len(choices)
-        uncond = logprobs[len(prompts) * k :] if unconditional else [None] * k
-        return [[ChoiceLogprobs(logprobs[i * k + j], uncond[j]) for j in range(k)] for i in range(len(prompts))]
+        seqs, starts = choice_requests(lambda texts: [tok.encode(t) for t in texts], prompts, choices, unconditional,
+                                       start_token_of(tok.bos_token_id, tok.eos_token_ids))
+        return choice_logprobs(self._prompt_logprobs(seqs, starts), len(prompts), len(choices), unconditional)
 
     def _prompt_logprobs(self, seqs: list[list[int]], starts: list[int]) -> list[list[float]]:
         def run(ids: list[list[int]], start: list[int]) -> list[dict]:
@@ -103,23 +90,3 @@ class EngineBackend:
         if self.program_aware:
             self.engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 0})
 
-
-def _choice_sequences(tok, prompt: str, choices: tuple[str, ...], start_token: int) -> tuple[list[list[int]], int]:
-    """Token ids of ``prompt + choice`` for every choice, and where the choices' tokens begin:
-    the text is tokenized whole (as generation would see it), and the choices start after the
-    longest token prefix they all share with the prompt alone."""
-    prompt_ids = tok.encode(prompt) if prompt else []
-    seqs = [tok.encode(prompt + c) for c in choices]
-    start = min(min(_common_prefix(prompt_ids, s), len(s) - 1) for s in seqs)
-    if start == 0:  # nothing before the choices to condition on: a start token
-        return [[start_token, *s] for s in seqs], 1
-    return seqs, start
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -23,7 +23,14 @@ from braid.config import ServerConfig
 from braid.errors import BraidError, InvalidRequestError
 from braid.server import openai_api as oai
 from braid.server.metrics import Metrics
-from braid.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, decode
+from braid.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    RenderChatRequest,
+    TokenizeRequest,
+    decode,
+)
 
 log = logging.getLogger("braid.server")
 DISCONNECT_POLL_S = 0.5
@@ -140,7 +147,30 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             {"id": model_name, "object": "model", "created": int(engine.started_at), "owned_by": "braid",
              "max_model_len": engine.context_len}]})
 
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's older name
+    async def model_info() -> Response:
+        tok = engine.tokenizer
+        return json_response({"model_path": engine.config.model_path or engine.model_folder,
+                              "served_model_name": model_name, "is_generation": True,
+                              "context_len": engine.context_len, "vocab_size": engine.vocab_size,
+                              "bos_token_id": tok.bos_token_id, "eos_token_ids": sorted(tok.eos_token_ids),
+                              "has_chat_template": tok.has_chat_template})
+
     # ---- native ------------------------------------------------------------------------------------
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = decode(await request.body(), TokenizeRequest)
+        texts = [req.text] if isinstance(req.text, str) else req.text
+        return json_response({"tokens": [engine.tokenizer.encode(t) for t in texts]})
+
+    @app.post("/render_chat")
+    async def render_chat(request: Request) -> Response:
+        """A conversation through the model's chat template (what /v1/chat/completions sends)."""
+        req = decode(await request.body(), RenderChatRequest)
+        messages = [{"role": m.role, "content": oai.message_text(i, m.content)} for i, m in enumerate(req.messages)]
+        return json_response({"text": engine.tokenizer.apply_chat_template(messages, req.add_generation_prompt)})
+
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         req = decode(await request.body(), GenerateRequest)

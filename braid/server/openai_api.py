@@ -81,12 +81,12 @@ def chat_prompt(engine, req: ChatCompletionRequest) -> str:
         if m.role not in ("system", "user", "assistant", "developer"):
             raise InvalidRequestError(f"messages[{i}].role", f"expected system, user, assistant or developer, "
                                                              f"got {m.role!r}")
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": _content(i, m.content)})
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m.content)})
     add_generation_prompt = messages[-1]["role"] != "assistant"
     return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
 
-def _content(i: int, content: str | list[dict] | None) -> str:
+def message_text(i: int, content: str | list[dict] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []

@@ -110,6 +110,15 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     rid: str | list[str] | None = None
 
 
+class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    text: str | list[str]
+
+
+class RenderChatRequest(msgspec.Struct, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+
+
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import braid as bd
-from braid.backend.engine_backend import EngineBackend, _choice_sequences
+from braid.backend.engine_backend import EngineBackend
+from braid.backend.scoring import choice_requests
 from tests.conftest import assert_at_rest
 from tests.engine_helpers import make_engine_model
 from tests.helpers import hf_logits, load_hf
@@ -48,8 +49,9 @@ def test_select_scores_match_transformers(eng, llama_dir, method):
     prompt, choices = "The quick brown", [" fox", " dog jumps", "café"]
     st = pick.run(prompt=prompt, choices=choices, method=method, backend=eng)
     meta = st.get_meta_info("c")
-    seqs, start = _choice_sequences(eng.tokenizer, prompt, tuple(choices), 0)
-    for got, ids in zip(meta["choice_token_logprobs"], seqs):
+    seqs, starts = choice_requests(lambda texts: [eng.tokenizer.encode(t) for t in texts], [prompt], tuple(choices),
+                                   False, 0)
+    for got, ids, start in zip(meta["choice_token_logprobs"], seqs, starts):
         lp = torch.log_softmax(hf_logits(hf, ids), -1)
         want = [float(lp[i - 1, ids[i]]) for i in range(start, len(ids))]
         assert got == pytest.approx(want, abs=2e-4)
