@@ -131,9 +131,13 @@ class Engine:
         logprob_start_len: int | list[int] = -1,
         stream: bool = False,
     ) -> Any:
-        """As ``generate``, for asyncio callers; ``stream=True`` returns an async iterator."""
-        inp = normalize_generate_args(
-            self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream
+        """As ``generate``, for asyncio callers; ``stream=True`` returns an async iterator.
+
+        Validation, tokenization and grammar compiles run on a worker thread, so the event loop
+        stays free; a bad request raises here, before anything is queued (or streamed)."""
+        inp = await asyncio.to_thread(
+            normalize_generate_args,
+            self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len, stream,
         )
         if stream:
             return self._astream(inp.items[0])

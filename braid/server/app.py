@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from braid.config import ServerConfig
 from braid.errors import BraidError, InvalidRequestError
@@ -42,8 +43,11 @@ class HTTPError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+_CODES = {401: "invalid_api_key", 404: "model_not_found"}
+
+
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": _CODES.get(status)}}
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
@@ -73,12 +77,12 @@ class ApiKeyMiddleware:
 
     def __init__(self, app, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if self.expected is not None and scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
                 response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                           "authentication_error")
                 await response(scope, receive, send)
@@ -106,23 +110,29 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         param = exc.field if isinstance(exc, InvalidRequestError) else None
         return error_response(exc.http_status, str(exc), _kind(exc), param)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_route_error(request: Request, exc: StarletteHTTPException) -> Response:  # 404, 405, ...
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:  # that request's 500, not the server's end
         log.error("request failed: %r", exc, exc_info=exc)
-        return error_response(500, f"internal error: {exc!r}", "internal_error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     async def until_done_or_gone(request: Request, work: Awaitable[Any]) -> Any:
         """Await ``work``; if the client disconnects first, cancel it (the engine aborts)."""
         task = asyncio.ensure_future(work)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise HTTPError(499, "client disconnected", "client_closed_request")
+        finally:  # also when this handler itself is cancelled (shutdown)
+            if not task.done():
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                raise HTTPError(499, "client disconnected", "client_closed_request")
+                await asyncio.gather(task, return_exceptions=True)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -138,7 +148,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = await metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
@@ -189,16 +199,18 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = decode(await request.body(), CompletionRequest)
         check_model(req.model)
-        params = oai.sampling_params(req, 16 if req.max_tokens is None else req.max_tokens)
-        prompts = _completion_prompts(req.prompt)
-        logprob_args = {"return_logprob": req.logprobs is not None, "top_logprobs_num": req.logprobs or 0}
-        rid, made = oai.new_id("cmpl"), oai.created()
-        if req.stream:
-            return sse(_completion_chunks(engine, metrics, req, prompts, params, logprob_args, rid, made, model_name))
-        timer = metrics.timer()
-        outs = await until_done_or_gone(request, asyncio.gather(*(
-            engine.async_generate(**p, sampling_params={**params, "n": req.n}, **logprob_args) for p in prompts)))
-        outs = [o for group in outs for o in (group if isinstance(group, list) else [group])]
+        with openai_fields(chat=False):
+            params = oai.sampling_params(req, 16 if req.max_tokens is None else req.max_tokens)
+            inputs = oai.completion_inputs(req.prompt)
+            logprob_args = {"return_logprob": req.logprobs is not None, "top_logprobs_num": req.logprobs or 0}
+            rid, made = oai.new_id("cmpl"), oai.created()
+            if req.stream:
+                streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
+                return sse(_completion_chunks(engine, metrics, req, streams, rid, made, model_name))
+            timer = metrics.timer()
+            # one call for every prompt: validated together, admitted together, cancelled together
+            outs = await until_done_or_gone(request, engine.async_generate(
+                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
         timer.done()
         choices = [{"index": i, "text": o["text"], "finish_reason": oai.finish_reason(o["meta_info"]),
                     "logprobs": oai.completion_logprobs(engine.tokenizer, o["meta_info"], 0)}
@@ -211,21 +223,22 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = decode(await request.body(), ChatCompletionRequest)
         check_model(req.model)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = oai.sampling_params(req, max_tokens if max_tokens is not None else engine.context_len)
-        oai.apply_response_format(req, params)
-        prompt = {"prompt": oai.chat_prompt(engine, req)}
-        top = req.top_logprobs or 0
-        if top and not req.logprobs:
-            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
-        logprob_args = {"return_logprob": req.logprobs, "top_logprobs_num": top}
-        rid, made = oai.new_id("chatcmpl"), oai.created()
-        if req.stream:
-            return sse(_chat_chunks(engine, metrics, req, prompt, params, logprob_args, rid, made, model_name))
-        timer = metrics.timer()
-        out = await until_done_or_gone(request, engine.async_generate(
-            **prompt, sampling_params={**params, "n": req.n}, **logprob_args))
-        outs = out if isinstance(out, list) else [out]
+        with openai_fields(chat=True):
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            params = oai.sampling_params(req, max_tokens if max_tokens is not None else engine.context_len)
+            oai.apply_response_format(req, params)
+            inputs = {"prompt": [await asyncio.to_thread(oai.chat_prompt, engine, req)]}
+            top = req.top_logprobs or 0
+            if top and not req.logprobs:
+                raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+            logprob_args = {"return_logprob": req.logprobs, "top_logprobs_num": top}
+            rid, made = oai.new_id("chatcmpl"), oai.created()
+            if req.stream:
+                streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
+                return sse(_chat_chunks(engine, metrics, req, streams, rid, made, model_name))
+            timer = metrics.timer()
+            outs = await until_done_or_gone(request, engine.async_generate(
+                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
         timer.done()
         choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
                     "finish_reason": oai.finish_reason(o["meta_info"]),
@@ -235,21 +248,6 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                               "choices": choices, "usage": oai.usage(metas, metas[:1])})
 
     return app
-
-
-def _completion_prompts(prompt: Any) -> list[dict]:
-    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists."""
-    if isinstance(prompt, str):
-        return [{"prompt": prompt}]
-    if not prompt:
-        raise InvalidRequestError("prompt", "empty")
-    if all(isinstance(p, str) for p in prompt):
-        return [{"prompt": p} for p in prompt]
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return [{"input_ids": list(prompt)}]
-    if all(isinstance(p, list) for p in prompt):
-        return [{"input_ids": list(p)} for p in prompt]
-    raise InvalidRequestError("prompt", "expected a string, a list of strings, token ids or lists of token ids")
 
 
 async def _cumulative(stream: AsyncIterator[dict], timer) -> AsyncIterator[dict]:
@@ -267,21 +265,32 @@ async def _cumulative(stream: AsyncIterator[dict], timer) -> AsyncIterator[dict]
     timer.done()
 
 
-async def _completion_chunks(engine, metrics, req, prompts, params, logprob_args, rid, made, model_name):
-    timer, metas = metrics.timer(), {}
-    offsets: dict[int, int] = {}
-    async for index, chunk in oai.stream_choices(engine, prompts, params, req.n, logprob_args):
-        timer.chunk(index, bool(chunk["text"]))
-        meta = chunk["meta_info"]
-        done = "finish_reason" in meta
-        if done:
-            metas[index] = meta
-        logprobs = oai.completion_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk), offsets.get(index, 0))
-        offsets[index] = offsets.get(index, 0) + len(chunk["text"])
-        if chunk["text"] or done:
-            yield {"id": rid, "object": "text_completion", "created": made, "model": model_name,
-                   "choices": [{"index": index, "text": chunk["text"], "logprobs": logprobs,
-                                "finish_reason": oai.finish_reason(meta) if done else None}]}
+@contextlib.contextmanager
+def openai_fields(chat: bool):
+    """Engine errors named with the request's own (OpenAI) field names."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(oai.openai_field(exc.field, chat), exc.problem) from None
+
+
+async def _completion_chunks(engine, metrics, req, streams, rid, made, model_name):
+    timer, metas, offsets = metrics.timer(), {}, {}
+    merged = oai.merge_streams(streams)
+    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
+        async for index, chunk in merged:
+            timer.chunk(index, bool(chunk["text"]))
+            meta = chunk["meta_info"]
+            done = "finish_reason" in meta
+            if done:
+                metas[index] = meta
+            offset = offsets.get(index, 0)
+            logprobs = oai.completion_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk), offset)
+            offsets[index] = offset + len(chunk["text"])
+            if chunk["text"] or done:
+                yield {"id": rid, "object": "text_completion", "created": made, "model": model_name,
+                       "choices": [{"index": index, "text": chunk["text"], "logprobs": logprobs,
+                                    "finish_reason": oai.finish_reason(meta) if done else None}]}
     timer.done()
     if req.stream_options and req.stream_options.include_usage:
         ordered = [metas[i] for i in sorted(metas)]
@@ -289,7 +298,7 @@ async def _completion_chunks(engine, metrics, req, prompts, params, logprob_args
                "usage": oai.usage(ordered, ordered[:: req.n])}
 
 
-async def _chat_chunks(engine, metrics, req, prompt, params, logprob_args, rid, made, model_name):
+async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
     timer, metas = metrics.timer(), {}
 
     def chunk_of(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
@@ -298,17 +307,19 @@ async def _chat_chunks(engine, metrics, req, prompt, params, logprob_args, rid, 
 
     for i in range(req.n):  # OpenAI opens every choice with its role
         yield chunk_of(i, {"role": "assistant", "content": ""}, None)
-    async for index, chunk in oai.stream_choices(engine, [prompt], params, req.n, logprob_args):
-        timer.chunk(index, bool(chunk["text"]))
-        meta = chunk["meta_info"]
-        done = "finish_reason" in meta
-        if done:
-            metas[index] = meta
-        logprobs = oai.chat_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk))
-        if chunk["text"] or logprobs:
-            yield chunk_of(index, {"content": chunk["text"]}, None, logprobs)
-        if done:
-            yield chunk_of(index, {}, oai.finish_reason(meta))
+    merged = oai.merge_streams(streams)
+    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
+        async for index, chunk in merged:
+            timer.chunk(index, bool(chunk["text"]))
+            meta = chunk["meta_info"]
+            done = "finish_reason" in meta
+            if done:
+                metas[index] = meta
+            logprobs = oai.chat_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk))
+            if chunk["text"] or logprobs:
+                yield chunk_of(index, {"content": chunk["text"]}, None, logprobs)
+            if done:
+                yield chunk_of(index, {}, oai.finish_reason(meta))
     timer.done()
     if req.stream_options and req.stream_options.include_usage:
         ordered = [metas[i] for i in sorted(metas)]

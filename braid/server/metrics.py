@@ -8,20 +8,27 @@ in one process (tests) do not collide.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+STATS_TIMEOUT_S = 30.0  # the scheduler answers between steps; one step can be a long prefill
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
 class _EngineCollector:
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    """Reports the stats snapshot taken just before rendering (get_stats waits on the scheduler:
+    it runs on a worker thread, never on the event loop)."""
+
+    def __init__(self) -> None:
+        self.stats: dict = {}
 
     def collect(self):
-        stats = self.engine.get_stats()
+        stats = self.stats
+        if not stats:
+            return
         yield GaugeMetricFamily("braid_running_requests", "requests being prefilled or decoded", stats["running"])
         yield GaugeMetricFamily("braid_waiting_requests", "requests queued for admission", stats["waiting"])
         used = stats["pool_slots"] - stats["free_slots"] - stats["evictable_slots"]
@@ -40,8 +47,10 @@ class _EngineCollector:
 
 class Metrics:
     def __init__(self, engine) -> None:
+        self.engine = engine
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine))
+        self.engine_stats = _EngineCollector()
+        self.registry.register(self.engine_stats)
         self.ttft = Histogram("braid_time_to_first_token_seconds", "streamed requests: arrival to first text",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("braid_inter_token_latency_seconds", "streamed requests: time between text chunks",
@@ -49,7 +58,9 @@ class Metrics:
         self.e2e = Histogram("braid_request_latency_seconds", "arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
 
-    def render(self) -> tuple[bytes, str]:
+    async def render(self) -> tuple[bytes, str]:
+        """The metrics text; the engine's stats are read on a worker thread (bounded wait)."""
+        self.engine_stats.stats = await asyncio.wait_for(asyncio.to_thread(self.engine.get_stats), STATS_TIMEOUT_S)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def timer(self) -> StreamTimer:

@@ -15,10 +15,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from braid.errors import InvalidRequestError
+from braid.errors import InvalidRequestError, RequestFailedError
 from braid.server.protocol import ChatCompletionRequest, CompletionRequest, Extras
 
 _EXTRA_NAMES = {"min_tokens": "min_new_tokens"}
+MAX_N = 64  # completions per prompt in one request
+MAX_TOP_LOGPROBS = 20  # OpenAI's own limit for chat; braid applies it to completions too
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
@@ -52,8 +54,12 @@ def _refuse_unsupported(req) -> None:
         for name in ("tools", "functions"):
             if getattr(req, name):
                 raise InvalidRequestError(name, "tool calling is not supported by braid; use json_schema or regex")
-    if req.n < 1:
-        raise InvalidRequestError("n", f"expected an integer >= 1, got {req.n}")
+    if not 1 <= req.n <= MAX_N:
+        raise InvalidRequestError("n", f"expected an integer in [1, {MAX_N}], got {req.n}")
+    top = req.logprobs if isinstance(req, CompletionRequest) else req.top_logprobs
+    name = "logprobs" if isinstance(req, CompletionRequest) else "top_logprobs"
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(name, f"expected an integer in [0, {MAX_TOP_LOGPROBS}], got {top}")
 
 
 def apply_response_format(req: ChatCompletionRequest, params: dict[str, Any]) -> None:
@@ -81,9 +87,11 @@ def chat_prompt(engine, req: ChatCompletionRequest) -> str:
         if m.role not in ("system", "user", "assistant", "developer"):
             raise InvalidRequestError(f"messages[{i}].role", f"expected system, user, assistant or developer, "
                                                              f"got {m.role!r}")
+        if m.tool_calls or m.function_call or m.audio:
+            raise InvalidRequestError(f"messages[{i}]", "tool calls and audio are not supported by braid")
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m.content)})
-    add_generation_prompt = messages[-1]["role"] != "assistant"
-    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    # as OpenAI: the reply is a new assistant turn, even after an assistant message
+    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def message_text(i: int, content: str | list[dict] | None) -> str:
@@ -98,10 +106,40 @@ def message_text(i: int, content: str | list[dict] | None) -> str:
 
 
 def finish_reason(meta: dict) -> str | None:
+    """OpenAI's finish_reason; an aborted request (an engine-side failure) raises."""
     reason = meta.get("finish_reason")
     if reason is None:
         return None
+    if reason["type"] == "abort":
+        raise RequestFailedError(f"the request was aborted: {reason.get('message')}")
     return "length" if reason["type"] == "length" else "stop"
+
+
+def completion_inputs(prompt: Any) -> dict[str, list]:
+    """OpenAI's prompt forms as one engine call: ``prompt=[texts]`` or ``input_ids=[[ids]]``."""
+    if isinstance(prompt, str):
+        return {"prompt": [prompt]}
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return {"prompt": list(prompt)}
+    if prompt and all(_is_ids(p) for p in prompt):
+        return {"input_ids": [list(p) for p in prompt]}
+    if _is_ids(prompt) and prompt:
+        return {"input_ids": [list(prompt)]}
+    raise InvalidRequestError("prompt", "expected a string, a list of strings, a list of token ids or a list of "
+                                        "token-id lists (none empty)")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def openai_field(field: str, chat: bool) -> str:
+    """An engine field name as the OpenAI request spelled it."""
+    names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
+             "top_logprobs_num": "top_logprobs" if chat else "logprobs"}
+    field = field.removeprefix("sampling_params.")
+    return names.get(field, field)
 
 
 def usage(metas: list[dict], prompt_metas: list[dict]) -> dict[str, Any]:
@@ -151,19 +189,26 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-async def stream_choices(engine, prompts: list[dict], params: dict, n: int, logprob_args: dict
-                         ) -> AsyncIterator[tuple[int, dict]]:
-    """(choice index, engine chunk) for every chunk of every choice, as they come; choice
-    ``p * n + i`` is sample ``i`` of prompt ``p``. Every stream is closed (its request aborted
-    if unfinished) when the consumer stops."""
-    queue: asyncio.Queue = asyncio.Queue()
+async def open_streams(engine, inputs: dict[str, list], params: dict, n: int, logprob_args: dict) -> list:
+    """One engine stream per choice (choice ``p * n + i`` is sample ``i`` of prompt ``p``), all
+    validated before the response starts: a bad request is a 400, not an in-band error. Nothing
+    is queued until a stream is first read."""
+    (key, values), = inputs.items()
     streams = []
-    for prompt in prompts:
+    for value in values:
         for i in range(n):
             sp = {**params, "n": 1}
-            if "seed" in params and params["seed"] is not None:
+            if params.get("seed") is not None:
                 sp["seed"] = params["seed"] + i
-            streams.append(await engine.async_generate(**prompt, sampling_params=sp, stream=True, **logprob_args))
+            streams.append(await engine.async_generate(**{key: value}, sampling_params=sp, stream=True,
+                                                       **logprob_args))
+    return streams
+
+
+async def merge_streams(streams: list) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, engine chunk) for every chunk of every stream, as they come. Closing this
+    iterator cancels the pumps, whose streams then abort their unfinished requests."""
+    queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
         try:
@@ -176,13 +221,13 @@ async def stream_choices(engine, prompts: list[dict], params: dict, n: int, logp
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        open_streams = len(tasks)
-        while open_streams:
+        open_count = len(tasks)
+        while open_count:
             index, chunk, error = await queue.get()
             if error is not None:
                 raise error
             if chunk is None:
-                open_streams -= 1
+                open_count -= 1
                 continue
             yield index, chunk
     finally:  # cancelling a pump runs its stream's cleanup, which aborts an unfinished request

@@ -82,6 +82,12 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str | list[dict] | None = None
     name: str | None = None
+    # what a client echoes back from an earlier response: accepted when empty
+    refusal: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
 
 
 class ChatCompletionRequest(_Common, forbid_unknown_fields=True):
@@ -131,10 +137,10 @@ def decode(body: bytes, cls: type) -> Any:
         m = _PATH.search(text)
         field = (m.group(1) or "body") if m else "body"
         problem = _PATH.sub("", text)
-        unknown = re.match(r"Object contains unknown field `(.+)`", problem)
-        if unknown:
-            field = f"{field}.{unknown.group(1)}" if field != "body" else unknown.group(1)
-            problem = "unknown field"
+        named = re.match(r"Object (contains unknown|missing required) field `(.+)`", problem)
+        if named:
+            field = f"{field}.{named.group(2)}" if field != "body" else named.group(2)
+            problem = "unknown field" if named.group(1) == "contains unknown" else "required"
         raise InvalidRequestError(field, problem) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError("body", f"not valid JSON: {exc}") from None

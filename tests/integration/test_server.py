@@ -136,11 +136,50 @@ def test_json_schema_response_format_gives_valid_json(client, model):
      "tools"),
     (dict(messages=[]), "messages"),
     (dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2), "top_logprobs"),
+    (dict(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(messages=[{"role": "user", "content": "x"}], n=65), "n"),
+    (dict(messages=[{"role": "user", "content": "x"}], max_completion_tokens=-1), "max_tokens"),
+    (dict(messages=[{"content": "x"}]), "messages[0].role"),
+    (dict(messages=[{"role": "user", "content": "x"}], extra_body={"regex": "(unclosed"}), "regex"),
 ])  # fmt: skip
-def test_bad_chat_requests_get_400_naming_the_field(client, model, kwargs, param):
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_chat_requests_get_400_naming_the_field(client, model, kwargs, param, stream):
+    # streaming too: the request is checked before the response starts
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=model, max_tokens=4, **kwargs)
+        client.chat.completions.create(model=model, max_tokens=4, stream=stream, **kwargs)
     assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("prompt", [[[[1, 2], [3]]], [], [[]], ["a", 5], [1, "a"]])
+def test_bad_completion_prompts_get_400(client, model, prompt):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt=prompt, max_tokens=2)
+    assert err.value.body["param"] == "prompt"
+
+
+def test_a_batch_with_one_bad_prompt_runs_none_of_them(server, client, model):
+    long = "The quick brown " * 200
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt=["hi", long * 20], max_tokens=2000,
+                                  extra_body={"ignore_eos": True})
+    stats = server.stats()
+    assert stats["braid_running_requests"] == 0 and stats["braid_waiting_requests"] == 0
+
+
+def test_a_conversation_ending_with_the_assistant_gets_a_new_turn(server, client, model):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
+    rendered = post(server, "/render_chat", {"messages": messages, "add_generation_prompt": True}).json()["text"]
+    assert rendered.endswith("<|im_start|>assistant\n")
+    tokens = post(server, "/tokenize", {"text": rendered}).json()["tokens"][0]
+    assert r.usage.prompt_tokens == len(tokens)
+
+
+def test_errors_for_unknown_routes_and_auth_schemes(server):
+    r = httpx.get(f"{server.url}/v1/nothing", headers=server.headers)
+    assert r.status_code == 404 and "message" in r.json()["error"]
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {API_KEY}"})
+    assert r.status_code == 200  # the scheme is case-insensitive
 
 
 def test_unknown_model_is_404(client):
