@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from braid import errors
-from braid.backend import EngineBackend, RuntimeEndpoint
+from braid.backend import EngineBackend, OpenAI, RuntimeEndpoint
 from braid.config import EngineConfig
 from braid.lang import (
     ForkGroup,
@@ -25,7 +25,8 @@ from braid.lang import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineBackend", "EngineConfig", "ForkGroup", "Program", "ProgramState", "RuntimeEndpoint",
+__all__ = ["Engine", "EngineBackend", "EngineConfig", "ForkGroup", "OpenAI", "Program", "ProgramState",
+           "RuntimeEndpoint",
            "__version__",
            "assistant", "errors", "gen", "program", "role", "select", "set_default_backend", "system", "user"]
 

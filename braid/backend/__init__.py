@@ -9,9 +9,10 @@ from typing import Any
 
 from braid.backend.endpoint import RuntimeEndpoint
 from braid.backend.engine_backend import EngineBackend
+from braid.backend.openai_backend import OpenAI
 from braid.lang.program import BACKEND_ADAPTERS
 
-__all__ = ["EngineBackend", "RuntimeEndpoint"]
+__all__ = ["EngineBackend", "OpenAI", "RuntimeEndpoint"]
 
 _per_engine: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

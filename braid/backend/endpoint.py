@@ -114,8 +114,9 @@ class RuntimeEndpoint:
             raise EngineClosedError(f"{self.name}: {exc!r}") from None
         return GenResult(text, meta)
 
-    def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
+    def score_choices(self, calls: list[GenCall], choices: tuple[str, ...], unconditional: bool
                       ) -> list[list[ChoiceLogprobs]]:
+        prompts = [c.prompt for c in calls]
         info = self.model_info()
         seqs, starts = choice_requests(lambda texts: self._call("POST", "/tokenize", {"text": texts})["tokens"],
                                        prompts, choices, unconditional,

@@ -67,8 +67,9 @@ class EngineBackend:
         return GenResult("".join(pieces), meta)
 
     # ---- select ---------------------------------------------------------------------------------
-    def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
+    def score_choices(self, calls: list[GenCall], choices: tuple[str, ...], unconditional: bool
                       ) -> list[list[ChoiceLogprobs]]:
+        prompts = [c.prompt for c in calls]
         tok = self.engine.tokenizer
         seqs, starts = choice_requests(lambda texts: [tok.encode(t) for t in texts], prompts, choices, unconditional,
                                        start_token_of(tok.bos_token_id, tok.eos_token_ids))

@@ -20,13 +20,24 @@ from braid.lang.choices import ChoiceLogprobs
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """The state's chat structure at a call, for backends that speak in messages (chat APIs)."""
+
+    messages: tuple[dict[str, str], ...]  # the finished messages
+    open_role: str | None  # the role begun and not yet ended, if any
+    open_content: str  # the text of that role so far
+
+
+@dataclass(frozen=True)
 class GenCall:
-    """One generation: the prompt text so far and the runtime's sampling dict (API.md names)."""
+    """One generation (or one select's context): the prompt text so far, the runtime's sampling
+    dict (API.md names), and the conversation behind the text."""
 
     prompt: str
     sampling: dict[str, Any]
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    conversation: Conversation | None = None
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,10 @@ class Backend(Protocol):
         """Run one call, passing text pieces to ``on_text`` as they are generated."""
         ...
 
-    def score_choices(self, prompts: list[str], choices: tuple[str, ...], unconditional: bool
+    def score_choices(self, calls: list[GenCall], choices: tuple[str, ...], unconditional: bool
                       ) -> list[list[ChoiceLogprobs]]:
-        """For each prompt, each choice's token log-probabilities after it (and after a start
-        token only, when ``unconditional``)."""
+        """For each call's prompt, each choice's token log-probabilities after it (and after a
+        start token only, when ``unconditional``)."""
         ...
 
     def cache_prefix(self, prompt: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from braid.errors import InvalidRequestError, ProgramError, UnsupportedFeatureError
-from braid.lang.backend import Backend, GenCall, GenResult
+from braid.lang.backend import Backend, Conversation, GenCall, GenResult
 from braid.lang.chat_template import RoleMarkers
 from braid.lang.choices import CHOICES_METHODS, NEEDS_UNCONDITIONAL
 from braid.lang.ir import SAMPLING_NAMES, Gen, Node, RoleBegin, RoleEnd, Select, SetVar, Text, flatten
@@ -108,8 +108,8 @@ class Interpreter:
 
     def select_group(self, states: list, node: Select) -> None:
         method = CHOICES_METHODS.get(node.choices_method)
-        scored = self.backend.score_choices([s.text_now() for s in states], node.choices,
-                                            unconditional=node.choices_method in NEEDS_UNCONDITIONAL)
+        scored = self.backend.score_choices([GenCall(s.text_now(), {}, conversation=_conversation(s)) for s in states],
+                                            node.choices, unconditional=node.choices_method in NEEDS_UNCONDITIONAL)
         for state, logprobs in zip(states, scored):
             decision = method(logprobs)
             choice = node.choices[decision.index]
@@ -129,7 +129,7 @@ class Interpreter:
         if constraint is not None:
             kind, spec = constraint
             sampling[kind] = list(spec) if kind == "choices" else spec
-        return GenCall(state.text_now(), sampling, node.return_logprob, node.top_logprobs_num)
+        return GenCall(state.text_now(), sampling, node.return_logprob, node.top_logprobs_num, _conversation(state))
 
     @staticmethod
     def _capture(state, node: Gen, result: GenResult) -> None:
@@ -139,6 +139,12 @@ class Interpreter:
         if node.dtype is not None and node.dtype is not str:
             value = _convert(node, result)
         state.set_var(node.name, value, result.meta_info)
+
+
+def _conversation(state) -> Conversation:
+    text = state.text_now()
+    role, start = state.open_role if state.open_role is not None else (None, len(text))
+    return Conversation(tuple(state.messages_now()), role, text[start:])
 
 
 def _convert(node: Gen, result: GenResult) -> Any:

@@ -215,6 +215,10 @@ class ProgramState:
                 self._meta.pop(name, None)
             self._cv.notify_all()
 
+    def messages_now(self) -> list[dict[str, str]]:
+        with self._cv:
+            return [dict(m) for m in self._messages]
+
     def add_message(self, role_name: str, content: str) -> None:
         with self._cv:
             self._messages.append({"role": role_name, "content": content})

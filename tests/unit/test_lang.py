@@ -54,7 +54,8 @@ class Scripted:
             on_text(ch)
         return GenResult(text, {})
 
-    def score_choices(self, prompts, choices, unconditional):
+    def score_choices(self, calls, choices, unconditional):
+        prompts = [c.prompt for c in calls]
         with self.lock:
             self.score_batches.append(len(prompts))
         return [[ChoiceLogprobs([-float(len(c)), 0.0], [-1.0, -1.0] if unconditional else None) for c in choices]
