@@ -2,8 +2,9 @@
 
 Decoding rejects unknown fields and wrong types with InvalidRequestError naming the field
 (``$.messages[0].role`` style paths become ``messages[0].role``). OpenAI fields braid accepts
-but has no use for are listed in ``IGNORED``; fields it cannot honour are refused by the route
-with a message naming them (``tools``, ``logit_bias``, ...).
+but has no use for (``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``,
+``reasoning_effort``) are declared and never read; fields it cannot honour are refused by the
+route with a message naming them (``tools``, ``logit_bias``, ...).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from typing import Any
 import msgspec
 
 from braid.errors import InvalidRequestError
-
-# OpenAI fields accepted and ignored (documented in docs/server.md)
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort")
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
