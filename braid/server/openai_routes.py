@@ -1,0 +1,149 @@
+"""The OpenAI-compatible routes: ``/v1/completions`` and ``/v1/chat/completions``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from braid.errors import InvalidRequestError
+from braid.server import openai_api as oai
+from braid.server.http import HTTPError, json_response, sse, until_done_or_gone
+from braid.server.metrics import Metrics
+from braid.server.protocol import ChatCompletionRequest, CompletionRequest, decode
+
+
+def add_openai_routes(app: FastAPI, engine, metrics: Metrics, model_name: str) -> None:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise HTTPError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                            "invalid_request_error", "model")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = decode(await request.body(), CompletionRequest)
+        check_model(req.model)
+        with openai_fields(chat=False):
+            params = oai.sampling_params(req, 16 if req.max_tokens is None else req.max_tokens)
+            inputs = oai.completion_inputs(req.prompt)
+            logprob_args = {"return_logprob": req.logprobs is not None, "top_logprobs_num": req.logprobs or 0}
+            rid, made = oai.new_id("cmpl"), oai.created()
+            if req.stream:
+                streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
+                return sse(_completion_chunks(engine, metrics, req, streams, rid, made, model_name))
+            timer = metrics.timer()
+            # one call for every prompt: validated together, admitted together, cancelled together
+            outs = await until_done_or_gone(request, engine.async_generate(
+                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
+        timer.done()
+        choices = [{"index": i, "text": o["text"], "finish_reason": oai.finish_reason(o["meta_info"]),
+                    "logprobs": oai.completion_logprobs(engine.tokenizer, o["meta_info"], 0)}
+                   for i, o in enumerate(outs)]
+        metas = [o["meta_info"] for o in outs]
+        return json_response({"id": rid, "object": "text_completion", "created": made, "model": model_name,
+                              "choices": choices, "usage": oai.usage(metas, metas[:: req.n])})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = decode(await request.body(), ChatCompletionRequest)
+        check_model(req.model)
+        with openai_fields(chat=True):
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            params = oai.sampling_params(req, max_tokens if max_tokens is not None else engine.context_len)
+            oai.apply_response_format(req, params)
+            inputs = {"prompt": [await asyncio.to_thread(oai.chat_prompt, engine, req)]}
+            top = req.top_logprobs or 0
+            if top and not req.logprobs:
+                raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+            logprob_args = {"return_logprob": req.logprobs, "top_logprobs_num": top}
+            rid, made = oai.new_id("chatcmpl"), oai.created()
+            if req.stream:
+                streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
+                return sse(_chat_chunks(engine, metrics, req, streams, rid, made, model_name))
+            timer = metrics.timer()
+            outs = await until_done_or_gone(request, engine.async_generate(
+                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
+        timer.done()
+        choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
+                    "finish_reason": oai.finish_reason(o["meta_info"]),
+                    "logprobs": oai.chat_logprobs(engine.tokenizer, o["meta_info"])} for i, o in enumerate(outs)]
+        metas = [o["meta_info"] for o in outs]
+        return json_response({"id": rid, "object": "chat.completion", "created": made, "model": model_name,
+                              "choices": choices, "usage": oai.usage(metas, metas[:1])})
+
+
+@contextlib.contextmanager
+def openai_fields(chat: bool):
+    """Engine errors named with the request's own (OpenAI) field names."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(oai.openai_field(exc.field, chat), exc.problem) from None
+
+
+async def _completion_chunks(engine, metrics, req, streams, rid, made, model_name):
+    timer, metas, offsets = metrics.timer(), {}, {}
+    merged = oai.merge_streams(streams)
+    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
+        async for index, chunk in merged:
+            timer.chunk(index, bool(chunk["text"]))
+            meta = chunk["meta_info"]
+            done = "finish_reason" in meta
+            if done:
+                metas[index] = meta
+            offset = offsets.get(index, 0)
+            logprobs = oai.completion_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk), offset)
+            offsets[index] = offset + len(chunk["text"])
+            if chunk["text"] or done:
+                yield {"id": rid, "object": "text_completion", "created": made, "model": model_name,
+                       "choices": [{"index": index, "text": chunk["text"], "logprobs": logprobs,
+                                    "finish_reason": oai.finish_reason(meta) if done else None}]}
+    timer.done()
+    if req.stream_options and req.stream_options.include_usage:
+        ordered = [metas[i] for i in sorted(metas)]
+        yield {"id": rid, "object": "text_completion", "created": made, "model": model_name, "choices": [],
+               "usage": oai.usage(ordered, ordered[:: req.n])}
+
+
+async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
+    timer, metas = metrics.timer(), {}
+
+    def chunk_of(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    for i in range(req.n):  # OpenAI opens every choice with its role
+        yield chunk_of(i, {"role": "assistant", "content": ""}, None)
+    merged = oai.merge_streams(streams)
+    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
+        async for index, chunk in merged:
+            timer.chunk(index, bool(chunk["text"]))
+            meta = chunk["meta_info"]
+            done = "finish_reason" in meta
+            if done:
+                metas[index] = meta
+            logprobs = oai.chat_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk))
+            if chunk["text"] or logprobs:
+                yield chunk_of(index, {"content": chunk["text"]}, None, logprobs)
+            if done:
+                yield chunk_of(index, {}, oai.finish_reason(meta))
+    timer.done()
+    if req.stream_options and req.stream_options.include_usage:
+        ordered = [metas[i] for i in sorted(metas)]
+        yield {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name, "choices": [],
+               "usage": oai.usage(ordered, ordered[:1])}
+
+
+def _delta_logprobs(meta: dict, chunk: dict) -> dict:
+    """The logprobs of this chunk's tokens (a final chunk's meta holds every token's)."""
+    if "output_token_logprobs" not in meta:
+        return meta
+    n = len(chunk["output_ids"])
+    if "finish_reason" not in meta:
+        return meta
+    out = {"output_token_logprobs": meta["output_token_logprobs"][len(meta["output_token_logprobs"]) - n:]}
+    if "output_top_logprobs" in meta:
+        out["output_top_logprobs"] = meta["output_top_logprobs"][len(meta["output_top_logprobs"]) - n:]
+    return out
