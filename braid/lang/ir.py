@@ -8,6 +8,7 @@ backend when the node runs, with the gen's name in the message.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,19 @@ def _check_choices(where: str, choices: Any) -> tuple[str, ...]:
     return tuple(choices)
 
 
+def _schema_text(where: str, schema: Any) -> str:
+    """A JSON schema given as a JSON string, a dict or a Pydantic model class, as a JSON string
+    (every backend, in-process or over HTTP, takes that)."""
+    if isinstance(schema, str):
+        return schema
+    if isinstance(schema, dict):
+        return json.dumps(schema)
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return json.dumps(schema.model_json_schema())
+    raise InvalidRequestError(where, f"expected a JSON string, a dict or a Pydantic model class, got "
+                                     f"{type(schema).__name__}")
+
+
 def _as_dtype(where: str, dtype: Any) -> type | None:
     if dtype is None:
         return None
@@ -219,6 +233,8 @@ def gen(
         kind, spec = next(iter(constraints.items()))
         if kind == "choices":
             spec = _check_choices(f"{where}.choices", spec)
+        elif kind == "json_schema":
+            spec = _schema_text(f"{where}.json_schema", spec)
         elif kind in ("regex", "ebnf") and (not isinstance(spec, str) or not spec):
             raise InvalidRequestError(f"{where}.{kind}", f"expected a non-empty string, got {spec!r}")
         constraint = None if kind == "dtype" else (kind, spec)

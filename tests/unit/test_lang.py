@@ -8,6 +8,7 @@ engines in test_lang_engine.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 
@@ -80,6 +81,7 @@ def test_nodes_combine_with_plus_and_strings():
     (lambda: bd.gen("x", ignore_eos=1), "gen('x').ignore_eos"),
     (lambda: bd.gen("x", choices=[]), "gen('x').choices"),
     (lambda: bd.gen("x", choices=["a", "a"]), "gen('x').choices"),
+    (lambda: bd.gen("x", json_schema=3), "gen('x').json_schema"),
     (lambda: bd.gen(""), "gen.name"),
     (lambda: bd.select("s", choices=["a", ""]), "select('s').choices"),
     (lambda: bd.role("narrator", "x"), "role"),
@@ -376,6 +378,23 @@ def test_a_value_whose_new_setter_was_skipped_is_not_returned_stale():
     (st,) = p.run_batch([{}], backend=Scripted(fail_on="boom"))  # the failed state, not raised
     with pytest.raises(ProgramError, match="variable 'x'"):
         st["x"]
+
+
+def test_json_schemas_reach_backends_as_json_text():
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str
+
+    seen = []
+    be = Scripted(answer=lambda prompt, sampling: seen.append(sampling["json_schema"]) or "{}")
+
+    @bd.program
+    def p(s):
+        s += bd.gen("a", json_schema=Person) + bd.gen("b", json_schema={"type": "object"})
+
+    p.run(backend=be)
+    assert [json.loads(x) for x in seen] == [Person.model_json_schema(), {"type": "object"}]
 
 
 def test_any_whitespace_reaches_the_runtime():
