@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from braid.config import ServerConfig
@@ -27,7 +28,7 @@ from braid.server.http import (
 )
 from braid.server.metrics import Metrics
 from braid.server.openai_routes import add_openai_routes
-from braid.server.protocol import GenerateRequest, RenderChatRequest, TokenizeRequest, decode
+from braid.server.protocol import GenerateRequest, RenderChatRequest, TokenizeRequest, add_request_bodies, decode
 
 
 def create_app(engine, config: ServerConfig) -> FastAPI:
@@ -95,6 +96,14 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         return json_response(out)
 
     add_openai_routes(app, engine, metrics, model_name)
+
+    def openapi() -> dict:  # FastAPI's description plus the msgspec request bodies
+        if app.openapi_schema is None:
+            app.openapi_schema = add_request_bodies(get_openapi(title=app.title, version=app.version,
+                                                                routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

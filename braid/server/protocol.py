@@ -123,6 +123,23 @@ class RenderChatRequest(msgspec.Struct, forbid_unknown_fields=True):
     add_generation_prompt: bool = True
 
 
+# route -> request body type, for the OpenAPI description (FastAPI cannot derive msgspec bodies)
+BODIES = {"/generate": GenerateRequest, "/v1/completions": CompletionRequest,
+          "/v1/chat/completions": ChatCompletionRequest, "/tokenize": TokenizeRequest,
+          "/render_chat": RenderChatRequest}
+
+
+def add_request_bodies(openapi: dict) -> dict:
+    """``openapi`` with the JSON schemas of the request bodies (msgspec's own) under components."""
+    refs, components = msgspec.json.schema_components(list(BODIES.values()),
+                                                      ref_template="#/components/schemas/{name}")
+    for path, ref in zip(BODIES, refs):
+        openapi["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": ref}}}
+    openapi.setdefault("components", {}).setdefault("schemas", {}).update(components)
+    return openapi
+
+
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
