@@ -40,6 +40,7 @@ class Tokenizer:
         self.all_special_ids: frozenset[int] = frozenset(self.hf.all_special_ids)
         # len() counts added tokens; the model's embedding may still have more rows (padding).
         self.vocab_size: int = len(self.hf)
+        self._bytes: list[bytes | None] | None = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; BOS first only if ``add_special_tokens`` and the model wants BOS.
@@ -61,6 +62,16 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; a prefix of a multi-byte character decodes to U+FFFD."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for (a piece of a UTF-8 character for some byte
+        tokens); a special token's are its text's."""
+        if self._bytes is None:  # built on first use: only logprob responses need it
+            from braid.grammar.vocab import token_bytes
+
+            self._bytes = token_bytes(self.hf, self.vocab_size)
+        raw = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else None
+        return raw if raw is not None else self.decode([token_id]).encode()
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary strings (byte-level spelling for GPT-2 style vocabularies) of ``ids``."""

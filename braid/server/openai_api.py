@@ -170,18 +170,25 @@ def completion_logprobs(tokenizer, meta: dict, offset: int) -> dict | None:
     pos = offset
     top_rows = meta.get("output_top_logprobs") or [None] * len(meta["output_token_logprobs"])
     for (lp, tid, _), top in zip(meta["output_token_logprobs"], top_rows):
-        text = tokenizer.decode([tid])
+        text = token_text(tokenizer, tid)
         tokens.append(text)
         lps.append(lp)
         offsets.append(pos)
         pos += len(text)
-        tops.append({tokenizer.decode([t]): v for v, t, _ in (top or [])})
+        alternatives: dict[str, float] = {}
+        for v, t, _ in top or []:  # most likely first: two ids with one spelling keep the likelier
+            alternatives.setdefault(token_text(tokenizer, t), v)
+        tops.append(alternatives)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def token_text(tokenizer, tid: int) -> str:
+    return tokenizer.token_bytes(tid).decode("utf-8", errors="replace")
+
+
 def _token_entry(tokenizer, tid: int, lp: float) -> dict:
-    text = tokenizer.decode([tid])
-    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    raw = tokenizer.token_bytes(tid)  # exact, also for a token that is part of a character
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
 
 
 # ---- running -------------------------------------------------------------------------------------

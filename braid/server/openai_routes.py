@@ -110,9 +110,14 @@ async def _completion_chunks(engine, metrics, req, streams, rid, made, model_nam
 async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
     timer, metas = metrics.timer(), {}
 
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
     def chunk_of(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name,
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if with_usage:  # as OpenAI: null on every chunk but the last
+            chunk["usage"] = None
+        return chunk
 
     for i in range(req.n):  # OpenAI opens every choice with its role
         yield chunk_of(i, {"role": "assistant", "content": ""}, None)
@@ -130,7 +135,7 @@ async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
             if done:
                 yield chunk_of(index, {}, oai.finish_reason(meta))
     timer.done()
-    if req.stream_options and req.stream_options.include_usage:
+    if with_usage:
         ordered = [metas[i] for i in sorted(metas)]
         yield {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name, "choices": [],
                "usage": oai.usage(ordered, ordered[:1])}

@@ -113,6 +113,15 @@ def test_streamed_n_and_logprobs(client, model):
     assert tokens == texts and all(texts.values())
 
 
+def test_chat_logprob_bytes_are_the_tokens_bytes(client, model):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "café 日本語"}],
+                                       max_tokens=12, logprobs=True, top_logprobs=1, temperature=1.0, seed=2,
+                                       extra_body={"ignore_eos": True})
+    entries = r.choices[0].logprobs.content
+    raw = b"".join(bytes(e.bytes) for e in entries)  # exact, where single tokens split characters
+    assert raw.decode("utf-8", errors="replace") == r.choices[0].message.content
+
+
 def test_json_schema_response_format_gives_valid_json(client, model):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                                 "maximum": 9}},

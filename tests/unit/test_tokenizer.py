@@ -67,6 +67,12 @@ def test_round_trip_any_text(tok: Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.text(_ENCODABLE, max_size=40))
+def test_token_bytes_spell_the_text(tok: Tokenizer, text: str) -> None:
+    assert b"".join(tok.token_bytes(t) for t in tok.encode(text)) == text.encode()
+
+
 def test_matches_gguf_vocab_and_transformers_gguf_tokenizer(tok: Tokenizer) -> None:
     import gguf
     from transformers import AutoTokenizer
