@@ -11,12 +11,12 @@ copy bandwidth, or to do the step's matmul FLOPs at the measured bf16 rate, whic
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, matmul_tflops, param_bytes, sync
+from benchmarks.make_random_llama import ensure_model
 
 REPEATS = 3  # timed runs per figure; the median is printed
 
@@ -65,12 +65,7 @@ def main() -> None:
     dev = torch.device("cpu" if a.dry_run else "cuda")
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
     tflops = matmul_tflops(dev, torch.bfloat16, n=512 if a.dry_run else 8192)
-    if not os.path.exists(os.path.join(a.model, "config.json")):
-        from benchmarks.make_random_llama import write
-
-        shrink = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 1000, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
-        write(a.model, a.layers, torch.bfloat16, dev.type, os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
+    ensure_model(a.model, a.layers, dev, a.dry_run, vocab_size=1000)
     import braid as bd
 
     batches = [int(b) for b in a.batches.split(",")]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, param_bytes, sync
+from benchmarks.make_random_llama import ensure_model
 
 REPEATS = 3
 MASK_ROUNDS = 7  # free / masked pairs per batch size
@@ -118,12 +118,7 @@ def main() -> None:
     a = ap.parse_args()
     dev = torch.device("cpu" if a.dry_run else "cuda")
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
-    if not os.path.exists(os.path.join(a.model, "config.json")):
-        from benchmarks.make_random_llama import write
-
-        shrink = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
-        write(a.model, a.layers, torch.bfloat16, dev.type, os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
+    ensure_model(a.model, a.layers, dev, a.dry_run)
     import braid as bd
 
     batches = [int(b) for b in a.batches.split(",")]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 
 import braid as bd
 from benchmarks.common import copy_bandwidth_gbs, matmul_tflops, param_bytes, sync
+from benchmarks.make_random_llama import ensure_model
 
 
 @dataclass(frozen=True)
@@ -197,13 +197,8 @@ def main() -> None:
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
     tflops = matmul_tflops(dev, torch.bfloat16, n=512 if a.dry_run else 8192)
     scale = 0.03 if a.dry_run else a.scale
-    if not os.path.exists(os.path.join(a.model, "config.json")):
-        from benchmarks.make_random_llama import write
-
-        shrink = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 49152, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
-        write(a.model, 2 if a.dry_run else a.layers, torch.bfloat16, dev.type,
-              os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
+    # the dry run keeps the tokenizer's vocabulary: the synthetic text is made of its words
+    ensure_model(a.model, 2 if a.dry_run else a.layers, dev, a.dry_run, vocab_size=49152)
     names = a.workloads.split(",")
     shapes = {n: Shape(**{**SHAPES[n].__dict__, "programs": max(2, int(SHAPES[n].programs * scale))})
               for n in names}

@@ -86,6 +86,21 @@ def write(
     return out_dir
 
 
+# a model small enough for a CPU dry run of a benchmark script
+DRY_RUN_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 64}
+
+
+def ensure_model(out_dir: str, layers: int, device: torch.device, dry_run: bool, **dry_overrides) -> str:
+    """The benchmark model at ``out_dir``, written first if it is not there: the Llama-3.1-8B shape,
+    or, for ``dry_run``, a tiny one (``dry_overrides`` on top, e.g. ``vocab_size``). The tokenizer
+    comes from ``$BRAID_TOKENIZER_DIR`` when set."""
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
+        shape = {**DRY_RUN_SHAPE, **dry_overrides} if dry_run else {}
+        write(out_dir, layers, torch.bfloat16, device.type, os.environ.get("BRAID_TOKENIZER_DIR"), shape)
+    return out_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")

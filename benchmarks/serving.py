@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, matmul_tflops
+from benchmarks.make_random_llama import ensure_model
 
 
 @dataclass
@@ -114,12 +115,7 @@ def main() -> None:
     dev = torch.device("cpu" if a.dry_run else "cuda")
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
     tflops = matmul_tflops(dev, torch.bfloat16, n=512 if a.dry_run else 8192)
-    if not os.path.exists(os.path.join(a.model, "config.json")):
-        from benchmarks.make_random_llama import write
-
-        shrink = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 49152, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 64} if a.dry_run else {}
-        write(a.model, 2 if a.dry_run else 32, torch.bfloat16, dev.type, os.environ.get("BRAID_TOKENIZER_DIR"), shrink)
+    ensure_model(a.model, 2 if a.dry_run else 32, dev, a.dry_run, vocab_size=49152)
     cfg = json.load(open(os.path.join(a.model, "config.json")))
     n = 8 if a.dry_run else a.requests
     out_rng = (4, 16) if a.dry_run else (a.out_min, a.out_max)

@@ -12,9 +12,8 @@ import threading
 from collections.abc import Callable
 
 from braid.backend.scoring import choice_logprobs, choice_requests, start_token_of
-from braid.errors import ProgramError
-from braid.lang.backend import GenCall, GenResult
-from braid.lang.chat_template import PLAIN, RoleMarkers, markers_from_template
+from braid.lang.backend import GenCall, GenResult, by_logprob_flags
+from braid.lang.chat_template import RoleMarkers, read_role_markers
 from braid.lang.choices import ChoiceLogprobs
 
 
@@ -35,22 +34,16 @@ class EngineBackend:
 
     def _read_markers(self) -> RoleMarkers:
         tok = self.engine.tokenizer
-        if not tok.has_chat_template:
-            return PLAIN
-        try:
-            return markers_from_template(lambda messages, gen_prompt: tok.apply_chat_template(messages, gen_prompt))
-        except ValueError as exc:
-            raise ProgramError(f"roles: cannot read role markers from the model's chat template ({exc}); write the "
-                               "conversation's markers as text instead") from None
+        return read_role_markers(tok.has_chat_template, tok.apply_chat_template, "model")
 
     # ---- gen ------------------------------------------------------------------------------------
     def generate(self, calls: list[GenCall]) -> list[GenResult]:
-        same_flags = len({(c.return_logprob, c.top_logprobs_num) for c in calls}) == 1
-        if not (self.program_aware and same_flags):
-            return [self._generate_batch([c])[0] for c in calls]
-        return self._generate_batch(calls)
+        if not self.program_aware:  # one call at a time
+            return [r for c in calls for r in self._generate_batch([c])]
+        return by_logprob_flags(calls, self._generate_batch)
 
     def _generate_batch(self, calls: list[GenCall]) -> list[GenResult]:
+        """One engine call for ``calls``, which share their logprob flags."""
         outs = self.engine.generate(prompt=[c.prompt for c in calls], sampling_params=[c.sampling for c in calls],
                                     return_logprob=calls[0].return_logprob,
                                     top_logprobs_num=calls[0].top_logprobs_num)

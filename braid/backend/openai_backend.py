@@ -18,15 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
-
-from braid.backend.endpoint import TIMEOUT, _error_of
-from braid.errors import EngineClosedError, RequestFailedError, UnsupportedFeatureError
+from braid.backend.http import HttpClient
+from braid.errors import RequestFailedError, UnsupportedFeatureError
 from braid.lang.backend import GenCall, GenResult
 from braid.lang.chat_template import PLAIN, RoleMarkers
 from braid.lang.choices import ChoiceLogprobs
@@ -41,52 +38,29 @@ _FINISH = {"stop": {"type": "stop", "matched": None}, "length": {"type": "length
 class OpenAI:
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None) -> None:
         self.model = model
-        self.url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.name = f"openai {model} at {self.url}"
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._local = threading.local()
-
-    @property
-    def _client(self) -> httpx.Client:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = httpx.Client(base_url=self.url, headers=self._headers, timeout=TIMEOUT)
-        return client
+        self.http = HttpClient(url, key, f"openai {model} at {url}")
+        self.name = self.http.name
 
     # ---- the Backend protocol --------------------------------------------------------------------
     def role_markers(self) -> RoleMarkers:
         return PLAIN  # the text of a chat-API program is for reading; the API gets messages
 
     def generate(self, calls: list[GenCall]) -> list[GenResult]:
-        if len(calls) == 1:
-            return [self._chat(calls[0], "gen")]
-        with ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
-            return list(pool.map(lambda c: self._chat(c, "gen"), calls))
+        return self._chats(calls, "gen")
 
     def generate_stream(self, call: GenCall, on_text: Callable[[str], None]) -> GenResult:
         body = {**self._body(call, "gen"), "stream": True, "stream_options": {"include_usage": True}}
         text, finish, usage = "", None, {}
-        try:
-            with self._client.stream("POST", "/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise _error_of(r, self.name)
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RequestFailedError(f"{self.name}: {event['error'].get('message')}")
-                    usage = event.get("usage") or usage
-                    for choice in event.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") or ""
-                        if piece:
-                            text += piece
-                            on_text(piece)
-                        finish = choice.get("finish_reason") or finish
-        except httpx.HTTPError as exc:
-            raise EngineClosedError(f"{self.name}: {exc!r}") from None
+        for event in self.http.events("/chat/completions", body):
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    text += piece
+                    on_text(piece)
+                finish = choice.get("finish_reason") or finish
         return GenResult(text, _meta(finish, usage))
 
     def score_choices(self, calls: list[GenCall], choices: tuple[str, ...], unconditional: bool
@@ -96,10 +70,8 @@ class OpenAI:
                                           "needs prompt log-probabilities)", self.name)
         constrained = [GenCall(c.prompt, {"regex": _alternatives(choices), "temperature": 0.0,
                                           "max_new_tokens": 256}, conversation=c.conversation) for c in calls]
-        with ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
-            answers = list(pool.map(lambda c: self._chat(c, "select").text, constrained))
         out = []
-        for answer in answers:
+        for answer in (r.text for r in self._chats(constrained, "select")):
             if answer not in choices:
                 raise RequestFailedError(f"{self.name}: the reply {answer[:80]!r} is none of the choices; the server "
                                          "may not support constrained output (regex)")
@@ -130,14 +102,15 @@ class OpenAI:
                 body["top_logprobs"] = call.top_logprobs_num
         return body
 
+    def _chats(self, calls: list[GenCall], what: str) -> list[GenResult]:
+        """One chat completion per call, concurrently (a chat API takes one conversation each)."""
+        if len(calls) == 1:
+            return [self._chat(calls[0], what)]
+        with ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
+            return list(pool.map(lambda c: self._chat(c, what), calls))
+
     def _chat(self, call: GenCall, what: str) -> GenResult:
-        try:
-            r = self._client.post("/chat/completions", json=self._body(call, what))
-        except httpx.HTTPError as exc:
-            raise EngineClosedError(f"{self.name}: {exc!r}") from None
-        if r.status_code != 200:
-            raise _error_of(r, self.name)
-        out = r.json()
+        out = self.http.call("POST", "/chat/completions", self._body(call, what))
         choice = out["choices"][0]
         return GenResult(choice["message"].get("content") or "", _meta(choice.get("finish_reason"), out.get("usage")))
 

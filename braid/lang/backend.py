@@ -46,6 +46,19 @@ class GenResult:
     meta_info: dict[str, Any]
 
 
+def by_logprob_flags(calls: list[GenCall], run: Callable[[list[GenCall]], list[GenResult]]) -> list[GenResult]:
+    """``run`` once per group of calls sharing their logprob flags (engine calls and /generate
+    bodies take one setting each), results back in the calls' order."""
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, c in enumerate(calls):
+        groups.setdefault((c.return_logprob, c.top_logprobs_num), []).append(i)
+    results: list[GenResult | None] = [None] * len(calls)
+    for idx in groups.values():
+        for i, result in zip(idx, run([calls[i] for i in idx])):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
 class Backend(Protocol):
     name: str  # for error messages ("engine", "endpoint http://...", "openai gpt-4o")
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from braid.errors import ProgramError
+
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
 _SENTINELS = ("\u27e6braid-0\u27e7", "\u27e6braid-1\u27e7", "\u27e6braid-2\u27e7")
@@ -79,3 +81,15 @@ def markers_from_template(render: Render) -> RoleMarkers:
             first_begin[role] = _cut(alone, s0)[0]
     return RoleMarkers(first_begin=first_begin, begin=begin,
                        end={"system": end_sys, "user": end_user, "assistant": end_ast})
+
+
+def read_role_markers(has_template: bool, render: Render, source: str) -> RoleMarkers:
+    """The markers of ``source``'s chat template, or plain ones where it has none; a template
+    whose markers cannot be read raises ProgramError (write the markers as text instead)."""
+    if not has_template:
+        return PLAIN
+    try:
+        return markers_from_template(render)
+    except ValueError as exc:
+        raise ProgramError(f"roles: cannot read role markers from the {source}'s chat template ({exc}); write "
+                           "the conversation's markers as text instead") from None

@@ -27,13 +27,10 @@ DTYPE_CONSTRAINTS: dict[type, tuple[str, Any]] = {
 class Interpreter:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._markers: RoleMarkers | None = None
 
     @property
     def markers(self) -> RoleMarkers:
-        if self._markers is None:  # asked once per run; a backend caches its own
-            self._markers = self.backend.role_markers()
-        return self._markers
+        return self.backend.role_markers()  # each backend reads them once and keeps them
 
     # ---- dispatch ------------------------------------------------------------------------------------
     def run(self, state, node: Node) -> None:

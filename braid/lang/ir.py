@@ -43,10 +43,10 @@ class Node:
     """Base of every IR node. ``a + b`` (and ``"text" + node``) builds a :class:`Concat`."""
 
     def __add__(self, other: Any) -> Concat:
-        return Concat((*_flat(self), *_flat(as_node(other, "+"))))
+        return Concat((*flatten(self), *flatten(as_node(other, "+"))))
 
     def __radd__(self, other: Any) -> Concat:
-        return Concat((*_flat(as_node(other, "+")), *_flat(self)))
+        return Concat((*flatten(as_node(other, "+")), *flatten(self)))
 
     def describe(self) -> str:
         return type(self).__name__.lower()
@@ -124,10 +124,6 @@ class Concat(Node):
         return " + ".join(p.describe() for p in self.parts)
 
 
-def _flat(node: Node) -> tuple[Node, ...]:
-    return node.parts if isinstance(node, Concat) else (node,)
-
-
 def as_node(value: Any, where: str) -> Node:
     """A node, or a string as a :class:`Text` node; anything else is a user mistake."""
     if isinstance(value, Node):
@@ -140,7 +136,7 @@ def as_node(value: Any, where: str) -> Node:
 
 def flatten(node: Node) -> tuple[Node, ...]:
     """The leaf nodes of ``node`` in execution order."""
-    return _flat(node)
+    return node.parts if isinstance(node, Concat) else (node,)
 
 
 # ---- constructors (the public API) -------------------------------------------------------------

@@ -102,7 +102,7 @@ class Program:
             raise InvalidRequestError("run_batch", "expected a list of dicts of arguments")
         check_sampling_types("run_batch", defaults)
         workers = _threads(num_threads, len(batch))
-        interp = Interpreter(resolve_backend(backend))  # one per batch: role markers read once
+        interp = Interpreter(resolve_backend(backend))
         states = [ProgramState(interp, defaults) for _ in batch]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="braid-batch") as pool:
             futures = [pool.submit(self._execute_kwargs, st, kw) for st, kw in zip(states, batch)]

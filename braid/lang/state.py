@@ -300,10 +300,6 @@ class ForkGroup:
             child.submit(task.bind(child), names_set_by(node))
         return self
 
-    def sync(self) -> None:
-        for child in self.children:
-            child.sync()
-
 
 class _GroupTask:
     """Queued on every member; the last member to reach it runs ``run`` over the members still

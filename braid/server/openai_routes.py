@@ -21,6 +21,15 @@ def add_openai_routes(app: FastAPI, engine, metrics: Metrics, model_name: str) -
             raise HTTPError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                             "invalid_request_error", "model")
 
+    async def run_whole(request: Request, inputs: dict, params: dict, n: int, logprob_args: dict) -> list[dict]:
+        """Every choice of a non-streamed request in one engine call: validated together, admitted
+        together, and cancelled together if the client leaves."""
+        timer = metrics.timer()
+        outs = await until_done_or_gone(request, engine.async_generate(
+            **inputs, sampling_params={**params, "n": n}, **logprob_args))
+        timer.done()
+        return outs if isinstance(outs, list) else [outs]
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = decode(await request.body(), CompletionRequest)
@@ -33,11 +42,7 @@ def add_openai_routes(app: FastAPI, engine, metrics: Metrics, model_name: str) -
             if req.stream:
                 streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
                 return sse(_completion_chunks(engine, metrics, req, streams, rid, made, model_name))
-            timer = metrics.timer()
-            # one call for every prompt: validated together, admitted together, cancelled together
-            outs = await until_done_or_gone(request, engine.async_generate(
-                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
-        timer.done()
+            outs = await run_whole(request, inputs, params, req.n, logprob_args)
         choices = [{"index": i, "text": o["text"], "finish_reason": oai.finish_reason(o["meta_info"]),
                     "logprobs": oai.completion_logprobs(engine.tokenizer, o["meta_info"], 0)}
                    for i, o in enumerate(outs)]
@@ -62,10 +67,7 @@ def add_openai_routes(app: FastAPI, engine, metrics: Metrics, model_name: str) -
             if req.stream:
                 streams = await oai.open_streams(engine, inputs, params, req.n, logprob_args)
                 return sse(_chat_chunks(engine, metrics, req, streams, rid, made, model_name))
-            timer = metrics.timer()
-            outs = await until_done_or_gone(request, engine.async_generate(
-                **inputs, sampling_params={**params, "n": req.n}, **logprob_args))
-        timer.done()
+            outs = await run_whole(request, inputs, params, req.n, logprob_args)
         choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
                     "finish_reason": oai.finish_reason(o["meta_info"]),
                     "logprobs": oai.chat_logprobs(engine.tokenizer, o["meta_info"])} for i, o in enumerate(outs)]
@@ -83,33 +85,49 @@ def openai_fields(chat: bool):
         raise InvalidRequestError(oai.openai_field(exc.field, chat), exc.problem) from None
 
 
-async def _completion_chunks(engine, metrics, req, streams, rid, made, model_name):
-    timer, metas, offsets = metrics.timer(), {}, {}
+async def _choice_chunks(streams: list, timer, finals: dict[int, dict]):
+    """(choice index, engine chunk, done, this chunk's logprob meta) for every chunk of every
+    choice; each finished choice's meta lands in ``finals``. Leaving early aborts every choice's
+    unfinished request."""
     merged = oai.merge_streams(streams)
-    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
+    async with contextlib.aclosing(merged):
         async for index, chunk in merged:
             timer.chunk(index, bool(chunk["text"]))
             meta = chunk["meta_info"]
             done = "finish_reason" in meta
             if done:
-                metas[index] = meta
-            offset = offsets.get(index, 0)
-            logprobs = oai.completion_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk), offset)
-            offsets[index] = offset + len(chunk["text"])
-            if chunk["text"] or done:
-                yield {"id": rid, "object": "text_completion", "created": made, "model": model_name,
-                       "choices": [{"index": index, "text": chunk["text"], "logprobs": logprobs,
-                                    "finish_reason": oai.finish_reason(meta) if done else None}]}
+                finals[index] = meta
+            yield index, chunk, done, _delta_logprobs(meta, chunk)
     timer.done()
-    if req.stream_options and req.stream_options.include_usage:
-        ordered = [metas[i] for i in sorted(metas)]
-        yield {"id": rid, "object": "text_completion", "created": made, "model": model_name, "choices": [],
-               "usage": oai.usage(ordered, ordered[:: req.n])}
+
+
+def _usage_chunk(obj: str, finals: dict[int, dict], per_prompt: int, rid, made, model_name) -> dict:
+    metas = [finals[i] for i in sorted(finals)]
+    return {"id": rid, "object": obj, "created": made, "model": model_name, "choices": [],
+            "usage": oai.usage(metas, metas[::per_prompt])}
+
+
+async def _completion_chunks(engine, metrics, req, streams, rid, made, model_name):
+    finals: dict[int, dict] = {}
+    offsets: dict[int, int] = {}
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    async for index, chunk, done, lp_meta in _choice_chunks(streams, metrics.timer(), finals):
+        offset = offsets.get(index, 0)
+        logprobs = oai.completion_logprobs(engine.tokenizer, lp_meta, offset)
+        offsets[index] = offset + len(chunk["text"])
+        if chunk["text"] or done:
+            out = {"id": rid, "object": "text_completion", "created": made, "model": model_name,
+                   "choices": [{"index": index, "text": chunk["text"], "logprobs": logprobs,
+                                "finish_reason": oai.finish_reason(chunk["meta_info"]) if done else None}]}
+            if with_usage:  # as OpenAI: null on every chunk but the last
+                out["usage"] = None
+            yield out
+    if with_usage:
+        yield _usage_chunk("text_completion", finals, req.n, rid, made, model_name)
 
 
 async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
-    timer, metas = metrics.timer(), {}
-
+    finals: dict[int, dict] = {}
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk_of(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
@@ -121,24 +139,14 @@ async def _chat_chunks(engine, metrics, req, streams, rid, made, model_name):
 
     for i in range(req.n):  # OpenAI opens every choice with its role
         yield chunk_of(i, {"role": "assistant", "content": ""}, None)
-    merged = oai.merge_streams(streams)
-    async with contextlib.aclosing(merged):  # leaving early aborts every choice's request
-        async for index, chunk in merged:
-            timer.chunk(index, bool(chunk["text"]))
-            meta = chunk["meta_info"]
-            done = "finish_reason" in meta
-            if done:
-                metas[index] = meta
-            logprobs = oai.chat_logprobs(engine.tokenizer, _delta_logprobs(meta, chunk))
-            if chunk["text"] or logprobs:
-                yield chunk_of(index, {"content": chunk["text"]}, None, logprobs)
-            if done:
-                yield chunk_of(index, {}, oai.finish_reason(meta))
-    timer.done()
-    if with_usage:
-        ordered = [metas[i] for i in sorted(metas)]
-        yield {"id": rid, "object": "chat.completion.chunk", "created": made, "model": model_name, "choices": [],
-               "usage": oai.usage(ordered, ordered[:1])}
+    async for index, chunk, done, lp_meta in _choice_chunks(streams, metrics.timer(), finals):
+        logprobs = oai.chat_logprobs(engine.tokenizer, lp_meta)
+        if chunk["text"] or logprobs:
+            yield chunk_of(index, {"content": chunk["text"]}, None, logprobs)
+        if done:
+            yield chunk_of(index, {}, oai.finish_reason(chunk["meta_info"]))
+    if with_usage:  # one prompt: its tokens counted once
+        yield _usage_chunk("chat.completion.chunk", finals, req.n, rid, made, model_name)
 
 
 def _delta_logprobs(meta: dict, chunk: dict) -> dict:
