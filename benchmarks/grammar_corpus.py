@@ -25,7 +25,8 @@ import torch
 
 from braid.errors import InvalidRequestError
 from braid.grammar import GrammarError, GrammarSpec
-from braid.runtime.constraints import Constraints, validate_json
+from braid.grammar.validate import validate_json
+from braid.runtime.constraints import Constraints
 from braid.runtime.sampling_params import SamplingParams
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "grammar_corpus.json"

@@ -1,12 +1,9 @@
 """The engine's side of constrained decoding: which requests carry a grammar, compiling specs
-(on the caller's thread, through the shared cache), per-request matchers, the batch bitmask,
-and the validation of finished JSON."""
+(on the caller's thread, through the shared cache), per-request matchers and the batch bitmask
+(finished JSON is validated by ``braid.grammar.validate``)."""
 
 from __future__ import annotations
 
-import functools
-import json
-import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -23,7 +20,7 @@ from braid.grammar import (
     fill_bitmasks,
 )
 from braid.grammar.base import allocate_bitmask, set_token_bits
-from braid.grammar.schema_prep import SCHEMA_VALUE_KEYS
+from braid.grammar.validate import json_validator
 from braid.runtime.kernels.bitmask import apply_bitmask
 from braid.runtime.sampling_params import SamplingParams
 
@@ -163,49 +160,3 @@ class Constraints:
                            if any(ord(c) < 0x20 for c in t) and i not in self.tokenizer.eos_token_ids]
                 self._control_ids = (control, [i for i in control if texts[i].strip(" \t\n\r")])
             return self._control_ids
-
-
-@functools.lru_cache(maxsize=256)
-def json_validator(schema_text: str):
-    """The jsonschema validator of a schema (formats checked), built once per schema. The engine
-    front builds it when the request arrives: importing jsonschema with its format checkers takes
-    seconds, which must not stall the scheduler thread."""
-    import jsonschema
-
-    schema = _python_patterns(json.loads(schema_text))
-    validator_cls = jsonschema.validators.validator_for(schema)
-    return validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-
-
-_JS_NAMED_GROUP = re.compile(r"(?<!\\)\(\?<(?![=!])")
-
-
-def _python_patterns(node):
-    """The schema with ECMA-262 named groups ``(?<name>`` in Python's spelling ``(?P<name>``,
-    since jsonschema matches patterns with Python's ``re``."""
-    if isinstance(node, list):
-        return [_python_patterns(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: v if k in SCHEMA_VALUE_KEYS else _python_patterns(v) for k, v in node.items()}
-    if isinstance(out.get("pattern"), str):
-        out["pattern"] = _JS_NAMED_GROUP.sub("(?P<", out["pattern"])
-    if isinstance(out.get("patternProperties"), dict):
-        out["patternProperties"] = {_JS_NAMED_GROUP.sub("(?P<", k): v for k, v in out["patternProperties"].items()}
-    return out
-
-
-def validate_json(text: str, schema_text: str) -> tuple[bool, str | None]:
-    """Whether ``text`` is JSON valid under the schema (formats checked), and the first error."""
-    import jsonschema
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        return False, f"not JSON: {e}"
-    try:
-        error = jsonschema.exceptions.best_match(json_validator(schema_text).iter_errors(value))
-    except Exception as e:  # a $ref that does not resolve, a pattern Python cannot read, ...
-        # an output that could not be checked is never reported valid
-        return False, f"the schema could not be checked: {type(e).__name__}: {str(e)[:300]}"
-    return (True, None) if error is None else (False, error.message)

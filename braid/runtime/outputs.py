@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import torch
 
+from braid.grammar.validate import validate_json
 from braid.runtime.batch import ExtendPlan
-from braid.runtime.constraints import Constraints, validate_json
+from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import decode_output
 from braid.runtime.messages import RequestOutput
 from braid.runtime.request import FinishReason, Req

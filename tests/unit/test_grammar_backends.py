@@ -209,7 +209,7 @@ def test_any_whitespace_needs_a_json_schema_and_min_new_tokens_no_grammar():
     ({"type": "string", "format": "email"}, '"a@b.example"', '"a.b"'),
 ])  # fmt: skip
 def test_validation_checks_formats(schema, good, bad):
-    from braid.runtime.constraints import validate_json
+    from braid.grammar.validate import validate_json
 
     assert validate_json(good, json.dumps(schema)) == (True, None)
     ok, error = validate_json(bad, json.dumps(schema))
@@ -252,7 +252,7 @@ def test_validation_checks_formats(schema, good, bad):
 def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad):
     """Each rewrite of braid/grammar/schema_prep.py, on both backends: what the schema (with
     formats checked) accepts passes, and what it refuses is refused by the grammar itself."""
-    from braid.runtime.constraints import validate_json
+    from braid.grammar.validate import validate_json
 
     if name == "outlines" and "allOf" in schema:
         pytest.skip("outlines-core cannot compile a property schema that is `true`")
@@ -268,7 +268,7 @@ def test_prepared_schemas_are_enforced(backends, hf_tok, name, schema, good, bad
 
 
 def test_a_schema_that_cannot_be_checked_is_never_reported_valid():
-    from braid.runtime.constraints import validate_json
+    from braid.grammar.validate import validate_json
 
     ok, error = validate_json('{"a": 1}', json.dumps({"$ref": "https://example.invalid/s.json"}))
     assert not ok and "could not be checked" in error

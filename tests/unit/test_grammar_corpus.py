@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from braid.grammar import GrammarSpec, create_backend
-from braid.runtime.constraints import validate_json
+from braid.grammar.validate import validate_json
 from tests.engine_helpers import make_engine_model
 
 CORPUS = json.loads((Path(__file__).parent.parent / "data" / "grammar_corpus.json").read_text())
