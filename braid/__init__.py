@@ -1,6 +1,7 @@
 """braid: a structured-generation programming framework for LLMs, and the runtime it runs on.
 
-Public API only; see shared/API.md. Heavy modules (torch) load on first use of ``Engine``.
+Public API only; see shared/API.md. Heavy modules (torch) load on first use of ``Engine`` or
+``extract``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "EngineBackend", "EngineConfig", "ForkGroup", "OpenAI", "Program", "ProgramState",
            "RuntimeEndpoint",
            "__version__",
-           "assistant", "errors", "gen", "program", "role", "select", "set_default_backend", "system", "user"]
+           "assistant", "errors", "extract", "gen", "program", "role", "select", "set_default_backend", "system",
+           "user"]
 
 if TYPE_CHECKING:
+    from braid.jobs import extract
     from braid.runtime.engine import Engine
 
 
@@ -39,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from braid.runtime.engine import Engine
 
         return Engine
+    if name == "extract":
+        from braid.jobs import extract
+
+        return extract
     raise AttributeError(f"module 'braid' has no attribute {name!r}")
