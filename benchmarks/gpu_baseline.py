@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--in-tokens", type=int, default=128)
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--attention-backends", default="auto", help="comma list: one braid column each (torch,triton)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
     a = ap.parse_args()
     dev = torch.device("cpu" if a.dry_run else "cuda")
@@ -69,30 +70,37 @@ def main() -> None:
     import braid as bd
 
     batches = [int(b) for b in a.batches.split(",")]
-    rows = {}
-    with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, max_running_requests=max(batches),
-                   device=dev.type, max_total_tokens=20000 if a.dry_run else None) as eng:
-        weights = param_bytes(eng.runner.model)
-        vocab = eng.vocab_size
-        for b in batches:
-            rows[b] = [braid_tps(eng, b, a.in_tokens, a.out_tokens, vocab)]
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    backends = a.attention_backends.split(",")
+    rows: dict[int, dict[str, float]] = {b: {} for b in batches}
+    for backend in backends:
+        with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, max_running_requests=max(batches),
+                       device=dev.type, max_total_tokens=20000 if a.dry_run else None,
+                       attention_backend=backend) as eng:
+            weights = param_bytes(eng.runner.model)
+            vocab = eng.vocab_size
+            for b in batches:
+                rows[b][backend] = braid_tps(eng, b, a.in_tokens, a.out_tokens, vocab)
+                print(f"batch {b} braid ({eng.runner.attention_backend}): {rows[b][backend]:.1f} tok/s", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if not a.skip_transformers:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).to(dev).eval()
         for b in batches:
-            rows[b].append(hf_tps(model, b, a.in_tokens, a.out_tokens, vocab))
+            rows[b]["transformers"] = hf_tps(model, b, a.in_tokens, a.out_tokens, vocab)
     name = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
     print(f"{name}: copy {bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s, "
           f"weights {weights / 1e9:.2f} GB, {a.in_tokens} in / {a.out_tokens} out")
-    print(f"{'batch':>5} {'braid tok/s':>12} {'transformers tok/s':>19} {'floor tok/s':>12} {'braid/floor':>12}")
+    cols = "".join(f" {'braid ' + k + ' tok/s':>20}" for k in backends)
+    print(f"{'batch':>5}{cols} {'transformers tok/s':>19} {'floor tok/s':>12} {'best braid/floor':>16}")
     for b, vals in rows.items():
         step_s = max(weights / (bw * 1e9), 2 * (weights / 2) * b / (tflops * 1e12))
         floor = b / step_s
-        hf = f"{vals[1]:.1f}" if len(vals) > 1 else "-"
-        print(f"{b:>5} {vals[0]:>12.1f} {hf:>19} {floor:>12.1f} {vals[0] / floor:>12.1%}")
+        hf = f"{vals['transformers']:.1f}" if "transformers" in vals else "-"
+        best = max(vals[k] for k in backends)
+        print(f"{b:>5}" + "".join(f" {vals[k]:>20.1f}" for k in backends)
+              + f" {hf:>19} {floor:>12.1f} {best / floor:>16.1%}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ class EngineConfig:
     model_path: str | None = _opt(None, "HF folder or .gguf file; unset = the embedded SmolLM2-135M-Instruct")
     dtype: str = _opt("auto", "weights/KV dtype: auto | float32 | bfloat16 | float16 (auto = float32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    attention_backend: str = _opt("auto", "attention backend name; auto = torch")
+    attention_backend: str = _opt(
+        "auto",
+        "attention and fused kernels: torch | triton (CUDA, or CPU under TRITON_INTERPRET=1);"
+        " auto = triton on CUDA when triton imports, else torch",
+    )
     grammar_backend: str = _opt(
         "auto", "constrained decoding backend: auto (llguidance,xgrammar with the llguidance extra, else xgrammar)"
         " | xgrammar | outlines | llguidance, or a fallback order such as xgrammar,outlines"

@@ -162,6 +162,8 @@ class Engine:
         self._closed = True
         self.scheduler.inbox.put(Shutdown())
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # the scheduler is done with the device: free its memory now,
+            self.runner.release()  # not whenever the last reference to this engine goes
 
     def __enter__(self) -> Engine:
         return self

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from braid.config import EngineConfig
 from braid.runtime.forward_batch import ForwardBatch
-from braid.runtime.layers.attention import create_attention_backend
+from braid.runtime.layers.attention import create_attention_backend, resolve_attention_backend
 from braid.runtime.loader import ModelInfo, load_model
 from braid.runtime.memory import KVPool
 
@@ -52,12 +52,20 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.resolved_cpu_threads)
+        # before the weights load: a backend that cannot run here fails fast
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        self.attn = create_attention_backend(self.attention_backend)
         self.model, self.info = load_model(model_folder, config.dtype, self.device)
         self.memory = plan_memory(config, self.info, self.device)
         self.kv = KVPool(self.memory.num_slots, self.info.num_layers, self.info.num_kv_heads,
                          self.info.head_dim, self.info.dtype, self.device)
-        backend = config.attention_backend
-        self.attn = create_attention_backend("torch" if backend == "auto" else backend)
+
+    def release(self) -> None:
+        """Drop the weights and the KV pool (the engine has shut down), and return the memory."""
+        self.kv.k = self.kv.v = []
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -100,10 +100,13 @@ def test_eos_ends_generation_unless_ignored(folder, make_engine):
 def test_in_batch_sharers_wait_one_step(folder, make_engine):
     """Driven step by step on a stopped scheduler: of 8 requests arriving together with a
     common 100-token prefix, one is prefilled first; the others follow and reuse its KV."""
-    from braid.runtime.messages import AddRequest
+    from braid.runtime.messages import AddRequest, Shutdown
 
     eng = make_engine(folder)
-    eng.shutdown()
+    # stop the scheduler thread but keep the weights and KV pool (shutdown() would release them)
+    eng._closed = True
+    eng.scheduler.inbox.put(Shutdown())
+    eng._thread.join(timeout=30)
     sched = eng.scheduler
     common = random_prompts(1, 100, 100, 512, seed=24)[0]
     prompts = [common + tail for tail in random_prompts(8, 10, 10, 512, seed=25)]

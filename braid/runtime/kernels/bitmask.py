@@ -6,19 +6,18 @@
 ``R == B``). Rows not named in ``rows`` are not touched; a row named twice keeps only the tokens
 both masks allow.
 
-The Triton kernel is jitted on first use, not at import: ``triton.jit`` decides at decoration
-time whether to compile or to interpret (``TRITON_INTERPRET``), so the jitted kernel is cached per
-mode and a process can switch modes, as the CPU tests do.
+The Triton kernel is jitted on first use, not at import, and cached per TRITON_INTERPRET mode
+(see ``braid.runtime.kernels``), so a process can switch modes, as the CPU tests do.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from braid.grammar.base import bitmask_words
+from braid.runtime.kernels import interpreting as _interpreting
 
 try:
     import triton
@@ -137,14 +136,6 @@ def _rows_in_range(rows: torch.Tensor, num_rows: int) -> bool:
         return True
     low, high = torch.stack(torch.aminmax(rows)).tolist()
     return 0 <= low and high < num_rows
-
-
-def _interpreting() -> bool:
-    """Whether ``triton.jit`` would interpret now: triton's own reading of TRITON_INTERPRET."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton < 3.4 reads it the same way
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Attention backends: the contract every backend meets, the registry, and the torch reference.
+"""Attention backends: the contract every backend meets, the registry, the torch reference and
+the Triton backend.
 
 A backend turns one layer's new-token q/k/v into attention outputs, reading the cached
 prefix of each request from the KV pool. Backends are stateless between forwards except
@@ -12,8 +13,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from braid.errors import InvalidRequestError, MissingPackageError
 from braid.registry import Registry
+from braid.runtime import kernels
 from braid.runtime.forward_batch import ForwardBatch, ForwardMode
+from braid.runtime.kernels import attention as attention_kernels
+from braid.runtime.kernels.kv_store import store_kv_triton
 from braid.runtime.memory import KVPool
 
 
@@ -31,7 +36,14 @@ class AttentionBackend:
     - Each new token attends causally to its request's sequence up to and including itself.
       With ``sliding_window = W``, a token at position ``p`` sees only keys at ``p - W < j <= p``.
     - Scores are multiplied by ``scale``. Returns ``(T, Hq, D)`` in ``q``'s dtype.
+
+    ``uses_kernels(device)`` tells the model whether to run its norms, RoPE and activation
+    through the Triton kernels (``braid.runtime.kernels``) in the same forward; the torch
+    reference layers otherwise.
     """
+
+    def uses_kernels(self, device: torch.device) -> bool:
+        return False
 
     def forward(
         self,
@@ -54,6 +66,21 @@ def create_attention_backend(name: str, **kwargs) -> AttentionBackend:
     """Build the backend registered as ``name``; UnknownNameError lists the known ones.
     Backends with optional dependencies import them inside their factory."""
     return ATTENTION_BACKENDS.create(name, **kwargs)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The backend ``name`` (a config value) stands for on ``device``: ``auto`` is ``triton`` on
+    CUDA when triton imports, ``torch`` otherwise. ``triton`` where its kernels cannot run raises
+    MissingPackageError (no triton) or InvalidRequestError (CPU without ``TRITON_INTERPRET=1``)."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and kernels.triton is not None else "torch"
+    if name == "triton" and kernels.triton is None:
+        raise MissingPackageError("attention_backend=triton", "pip install triton")
+    if name == "triton" and not kernels.triton_runs_on(device):
+        raise InvalidRequestError(
+            "attention_backend", f"triton runs on CUDA, or on the CPU only under TRITON_INTERPRET=1; device is {device}"
+        )
+    return name
 
 
 @ATTENTION_BACKENDS.register("torch")
@@ -94,6 +121,47 @@ class TorchAttention(AttentionBackend):
                 is_causal=mask is None, scale=scale, enable_gqa=True,
             )  # fmt: skip
             out[start : start + n] = o.transpose(0, 1)
+
+
+@ATTENTION_BACKENDS.register("triton")
+class TritonAttention(AttentionBackend):
+    """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
+    the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
+    decode kernel. Tiles and split counts are computed once per forward (``batch.attn_memo``)
+    from the host-side lengths, so no layer syncs the device. Runs on CUDA, and on the CPU under
+    ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
+    ``extend_block`` / ``decode_block`` are the kernels' key-block sizes (small ones for tests)."""
+
+    def __init__(
+        self, extend_block: int = attention_kernels.EXTEND_BLOCK, decode_block: int = attention_kernels.DECODE_BLOCK_N
+    ) -> None:
+        self.extend_block = extend_block
+        self.decode_block = decode_block
+
+    def uses_kernels(self, device: torch.device) -> bool:
+        return kernels.triton_runs_on(device)
+
+    def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        store_kv_triton(k_cache, v_cache, batch.out_slots, k, v)
+        if batch.mode is ForwardMode.DECODE:
+            key = ("triton-splits", sliding_window)
+            if key not in batch.attn_memo:
+                keys = max(min(n, sliding_window or n) for n in batch.seq_lens_cpu)
+                sms = attention_kernels.num_sms(q.device)
+                batch.attn_memo[key] = attention_kernels.decode_splits(batch.batch_size, k.shape[1], keys, sms)
+            return attention_kernels.decode_attention_triton(
+                q, k_cache, v_cache, batch.req_to_token, batch.req_rows, batch.seq_lens, scale, sliding_window,
+                num_splits=batch.attn_memo[key], block_n=self.decode_block,
+            )  # fmt: skip
+        if "triton-tiles" not in batch.attn_memo:
+            batch.attn_memo["triton-tiles"] = attention_kernels.plan_extend(
+                batch.prefix_lens_cpu, batch.extend_lens_cpu, q.device, self.extend_block
+            )
+        plan = batch.attn_memo["triton-tiles"]
+        return attention_kernels.extend_attention_triton(
+            q, k_cache, v_cache, batch.req_to_token, batch.req_rows, plan, scale, sliding_window
+        )
 
 
 def _padding_pays(batch: ForwardBatch) -> bool:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from braid.runtime.kernels.norm import (
+    AddNormOutput,
+    add_rms_norm_reference,
+    add_rms_norm_triton,
+    rms_norm_reference,
+    rms_norm_triton,
+)
 
 
 class RMSNorm(nn.Module):
@@ -13,6 +20,9 @@ class RMSNorm(nn.Module):
     The reduction runs in float32 and the result is cast back to the input dtype *before*
     the weight multiply, as Llama/Qwen/Mistral do in HF: matching that order keeps bf16
     outputs bit-compatible with the checkpoints' reference.
+
+    ``fused=True`` runs the Triton kernel (``kernels/norm.py``, same rounding) instead of torch;
+    the model passes it when its attention backend says the kernels run on this device.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -20,10 +30,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32:  # one fused op; the rounding-order subtlety only exists below fp32
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return rms_norm_triton(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, fused: bool = False) -> AddNormOutput:
+        """``(norm(x + residual), x + residual)``: the residual add before a norm, fused when ``fused``."""
+        if fused:
+            return add_rms_norm_triton(x, residual, self.weight, self.eps)
+        return add_rms_norm_reference(x, residual, self.weight, self.eps)

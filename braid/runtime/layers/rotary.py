@@ -2,17 +2,20 @@
 
 Supported ``rope_type``s: ``default``, ``linear`` and ``llama3`` (Llama 3.1 frequency scaling).
 The cos/sin tables are precomputed in float32 up to ``max_positions`` and indexed by position.
+The rotation itself (torch reference and Triton kernel) lives in ``kernels/rotary.py``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from braid.errors import ModelLoadError
+from braid.runtime.kernels.rotary import apply_rotary_triton, rotate_half
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -77,6 +80,14 @@ def _llama3_scale(inv_freq: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
+class RopeRows(NamedTuple):
+    """RoPE inputs of one forward (see ``RotaryEmbedding.lookup``)."""
+
+    cos: torch.Tensor  # torch path: (T, 1, D/2) in the activations' dtype; kernel: (max_positions, D/2) f32
+    sin: torch.Tensor
+    positions: torch.Tensor | None  # (T,) for the kernel; None for the torch path (rows already gathered)
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to q and k ``(T, H, D)`` at ``positions`` ``(T,)``.
 
@@ -104,23 +115,22 @@ class RotaryEmbedding(nn.Module):
         self.cos = angles.cos()
         self.sin = angles.sin()
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``(T, 1, D/2)`` at ``positions``; computed once per forward, shared by all layers."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool = False) -> RopeRows:
+        """What ``apply`` needs for this forward's ``positions``, computed once and shared by all
+        layers: the table rows in ``dtype`` for the torch path, the whole tables and the positions
+        for the kernel (``fused``), which gathers the rows itself."""
+        if fused:
+            return RopeRows(self.cos, self.sin, positions)
+        return RopeRows(self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1), None)
 
     @staticmethod
-    def apply(
-        q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = cos_sin
+    def apply(q: torch.Tensor, k: torch.Tensor, rows: RopeRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``(T, Hq, D)`` and k ``(T, Hkv, D)`` rotated; the kernel path rotates them in place."""
+        if rows.positions is not None:
+            return apply_rotary_triton(q, k, rows.cos, rows.sin, rows.positions)
         # one rotation over q and k stacked along heads: half the ops of rotating each
-        qk = _rotate(torch.cat((q, k), dim=1), cos, sin)
+        qk = rotate_half(torch.cat((q, k), dim=1), rows.cos, rows.sin)
         return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.apply(q, k, self.lookup(positions, q.dtype))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

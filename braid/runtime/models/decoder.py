@@ -12,14 +12,14 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from braid.errors import ModelLoadError
 from braid.runtime.forward_batch import ForwardBatch
+from braid.runtime.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from braid.runtime.layers.attention import AttentionBackend
 from braid.runtime.layers.norm import RMSNorm
-from braid.runtime.layers.rotary import RotaryEmbedding
+from braid.runtime.layers.rotary import RopeRows, RotaryEmbedding
 from braid.runtime.memory import KVPool
 from braid.runtime.models.config import DecoderConfig
 
@@ -30,7 +30,8 @@ class _Step(NamedTuple):
     batch: ForwardBatch
     kv: KVPool
     attn: AttentionBackend
-    cos_sin: tuple[torch.Tensor, torch.Tensor]  # RoPE tables at batch.positions, (T, 1, D/2) each
+    rope: RopeRows  # RotaryEmbedding.lookup at batch.positions
+    fused: bool  # norms, RoPE and activation through the Triton kernels (the backend's choice)
 
 
 class SelfAttention(nn.Module):
@@ -56,8 +57,8 @@ class SelfAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(q, k, step.cos_sin)
+            q, k = self.q_norm(q, step.fused), self.k_norm(k, step.fused)
+        q, k = RotaryEmbedding.apply(q, k, step.rope)
         o = step.attn.forward(self.layer_id, q, k, v, step.batch, step.kv, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
@@ -68,9 +69,10 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, h: torch.Tensor, fused: bool) -> torch.Tensor:
+        gate_up = self.gate_up_proj(h)  # (T, 2I): [gate, up]
+        act = silu_and_mul_triton(gate_up) if fused else silu_and_mul_reference(gate_up)
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -82,8 +84,9 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg)
 
     def forward(self, h: torch.Tensor, step: _Step) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), step)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn_out = self.self_attn(self.input_layernorm(h, step.fused), step)
+        normed, h = self.post_attention_layernorm.add_forward(attn_out, h, step.fused)  # residual add fused in
+        return h + self.mlp(normed, step.fused)
 
 
 class DecoderStack(nn.Module):
@@ -126,11 +129,12 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, kv: KVPool, attn: AttentionBackend) -> torch.Tensor:
         h = self.model.embed_tokens(batch.input_ids)  # (T, hidden)
-        step = _Step(batch, kv, attn, self.rotary.lookup(batch.positions, h.dtype))
+        fused = attn.uses_kernels(h.device)
+        step = _Step(batch, kv, attn, self.rotary.lookup(batch.positions, h.dtype, fused), fused)
         for layer in self.model.layers:
             h = layer(h, step)
         # Norm and head only for the rows whose logits are wanted (last token of each prompt).
-        h = self.model.norm(h[batch.logits_rows])  # (N, hidden)
+        h = self.model.norm(h[batch.logits_rows], fused)  # (N, hidden)
         return self.lm_head(h).float()  # (N, vocab)
 
     @torch.no_grad()

@@ -1,0 +1,341 @@
+"""The attention kernels against their torch references, the Triton backend against the torch
+backend, and a whole engine on the Triton backend against the torch one: all on the CPU under
+``TRITON_INTERPRET=1``.
+
+The ``interpret`` fixture only sets the variable (monkeypatch, undone after the test): the kernel
+modules jit on first use and cache per mode, so the next launch is interpreted, in this process
+(as in test_kernels_bitmask.py). Shapes are tiny and blocks small (16) so that a few dozen tokens
+already span several tiles, key blocks and decode splits; the CUDA tests in tests/gpu run real
+shapes, compiled.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import braid as bd
+from braid.errors import InvalidRequestError
+from braid.runtime.forward_batch import ForwardBatch, ForwardMode
+from braid.runtime.kernels import attention as ka
+from braid.runtime.layers import attention as layer_attention
+from braid.runtime.layers.attention import create_attention_backend, resolve_attention_backend
+from braid.runtime.memory import KVPool
+from tests.conftest import assert_at_rest
+from tests.engine_helpers import make_engine_model, random_prompts
+
+needs_triton = pytest.mark.skipif(ka.triton is None, reason="needs triton")
+BLOCK = 16  # the smallest block tl.dot takes on the GPU; many blocks per tiny sequence here
+TABLE_WIDTH = 96
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+class Case(NamedTuple):
+    q: torch.Tensor  # (T, Hq, D) the new tokens' queries, packed
+    k_new: torch.Tensor  # (T, Hkv, D)
+    v_new: torch.Tensor
+    kv: KVPool  # prefix K/V (and, after store, the new ones) at shuffled slots; random garbage elsewhere
+    batch: ForwardBatch
+
+
+def make_case(mode, prefix_lens, new_lens, num_kv_heads, group, head_dim, dtype, seed, width=TABLE_WIDTH) -> Case:
+    """Requests in shuffled table rows, their tokens at shuffled pool slots; the prefixes' K/V
+    already in the pool, the new tokens' K/V not yet (the backend stores them). On the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    total = sum(prefix_lens) + sum(new_lens)
+    kv = KVPool(total + 9, 1, num_kv_heads, head_dim, dtype, "cpu")
+    kv.k[0].copy_(rand(*kv.k[0].shape))  # garbage that a wrong gather would pick up
+    kv.v[0].copy_(rand(*kv.v[0].shape))
+    slots = (torch.randperm(total + 9, generator=gen) + 1)[:total]
+    rows = torch.randperm(len(prefix_lens) + 3, generator=gen)[: len(prefix_lens)]
+    table = torch.randint(0, total + 10, (len(prefix_lens) + 3, width), generator=gen)  # garbage past seq_len
+    used, out_slots = 0, []
+    for row, p, n in zip(rows.tolist(), prefix_lens, new_lens):
+        table[row, : p + n] = slots[used : used + p + n]
+        kv.store(0, slots[used : used + p], rand(p, num_kv_heads, head_dim), rand(p, num_kv_heads, head_dim))
+        out_slots.append(slots[used + p : used + p + n])
+        used += p + n
+    num_new = sum(new_lens)
+    seq_lens = [p + n for p, n in zip(prefix_lens, new_lens)]
+    batch = ForwardBatch(
+        mode=mode, input_ids=torch.zeros(num_new, dtype=torch.int64),
+        positions=torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, new_lens)]),
+        out_slots=torch.cat(out_slots), req_rows=rows, seq_lens=torch.tensor(seq_lens),
+        prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=list(new_lens), seq_lens_cpu=seq_lens,
+        logits_rows=torch.arange(len(prefix_lens)), req_to_token=table,
+    )  # fmt: skip
+    q = rand(num_new, num_kv_heads * group, head_dim)
+    return Case(q, rand(num_new, num_kv_heads, head_dim), rand(num_new, num_kv_heads, head_dim), kv, batch)
+
+
+def seed_of(*args) -> int:
+    return zlib.crc32(repr(args).encode())
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    # bfloat16: the interpreter rounds float32 -> bfloat16 toward zero (triton 3.9), one ulp off torch
+    return {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]  # fmt: skip
+
+
+def stored_case(case: Case) -> Case:
+    case.kv.store(0, case.batch.out_slots, case.k_new, case.v_new)
+    return case
+
+
+EXTEND_SHAPES = [  # (prefix lens, new lens, Hkv, group, head_dim, dtype, window)
+    ([0, 5, 21], [7, 3, 18], 2, 1, 64, torch.float32, None),  # plain prefill, odd lengths, 2 tiles
+    ([0, 5, 21], [7, 3, 18], 2, 1, 64, torch.float32, 5),  # a window shorter than the tiles
+    ([13, 0], [1, 35], 1, 2, 128, torch.float32, None),  # a 1-token extend; 3 tiles of one request
+    ([3, 40], [17, 2], 2, 4, 64, torch.bfloat16, 9),  # long prefix, short extend
+    ([2], [20], 1, 8, 128, torch.float16, None),
+    ([6, 0, 11], [5, 9, 4], 1, 3, 24, torch.float32, 30),  # head_dim not a power of two, GQA 3 (SmolLM2)
+    ([4, 0], [6, 3], 2, 2, 16, torch.bfloat16, None),  # the tiny test models' head_dim
+]
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("prefix_lens,new_lens,hkv,group,head_dim,dtype,window", EXTEND_SHAPES)
+def test_extend_kernel_matches_reference(prefix_lens, new_lens, hkv, group, head_dim, dtype, window):
+    seed = seed_of(prefix_lens, new_lens, group, head_dim, dtype)
+    case = stored_case(make_case(ForwardMode.EXTEND, prefix_lens, new_lens, hkv, group, head_dim, dtype, seed))
+    b, k_cache, v_cache = case.batch, case.kv.k[0], case.kv.v[0]
+    plan = ka.plan_extend(b.prefix_lens_cpu, b.extend_lens_cpu, case.q.device, block_m=BLOCK)
+    assert len(plan.tile_req) > len(new_lens) or max(new_lens) <= BLOCK, "want requests spanning several tiles"
+    out = ka.extend_attention_triton(case.q, k_cache, v_cache, b.req_to_token, b.req_rows, plan, 0.3, window)
+    ref = ka.extend_attention_reference(
+        case.q, k_cache, v_cache, b.req_to_token, b.req_rows, b.prefix_lens_cpu, b.extend_lens_cpu, 0.3, window
+    )
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert ref.float().std() > 0.05, "degenerate reference"
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+
+
+DECODE_SHAPES = [  # (sequence lengths, Hkv, group, head_dim, dtype, window, splits)
+    ([1, 37, 20], 2, 1, 64, torch.float32, None, 1),  # a 1-token sequence; one split writes the output
+    ([1, 37, 20], 2, 1, 64, torch.float32, None, 3),
+    ([50, 9], 1, 4, 128, torch.bfloat16, 11, 2),  # window: only the last 11 keys, split in two
+    ([33, 64, 5], 2, 8, 64, torch.float16, None, 8),  # more splits than blocks: empty splits
+    ([23, 2], 1, 2, 16, torch.float32, None, 4),
+    ([30, 17], 3, 3, 24, torch.bfloat16, 7, 2),  # head_dim not a power of two, GQA 3
+]
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("seq_lens,hkv,group,head_dim,dtype,window,splits", DECODE_SHAPES)
+def test_decode_kernel_matches_reference(seq_lens, hkv, group, head_dim, dtype, window, splits):
+    seed = seed_of(seq_lens, group, head_dim, dtype, splits)
+    prefix = [n - 1 for n in seq_lens]
+    case = stored_case(make_case(ForwardMode.DECODE, prefix, [1] * len(seq_lens), hkv, group, head_dim, dtype, seed))
+    b, k_cache, v_cache = case.batch, case.kv.k[0], case.kv.v[0]
+    out = ka.decode_attention_triton(
+        case.q, k_cache, v_cache, b.req_to_token, b.req_rows, b.seq_lens, 0.3, window, splits, block_n=BLOCK
+    )
+    ref = ka.decode_attention_reference(case.q, k_cache, v_cache, b.req_to_token, b.req_rows, seq_lens, 0.3, window)
+    assert ref.float().std() > 0.05, "degenerate reference"
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE])
+@pytest.mark.parametrize("window", [None, 4])
+def test_reference_matches_torch_backend(mode, window):
+    """The kernels' reference and the torch backend are written independently: they must agree."""
+    new = [6, 1, 9] if mode is ForwardMode.EXTEND else [1, 1, 1]
+    case = make_case(mode, [0, 12, 5], new, 2, 2, 16, torch.float32, seed=seed_of(mode, window))
+    b = case.batch
+    out = create_attention_backend("torch").forward(0, case.q, case.k_new, case.v_new, b, case.kv, 0.3, window)
+    ref = ka.extend_attention_reference(
+        case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, b.prefix_lens_cpu, new, 0.3, window
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+class Calls:
+    """Counts calls of the wrapped functions (patched where the caller looks them up)."""
+
+    def __init__(self, monkeypatch, *targets) -> None:
+        self.counts: dict[str, int] = {}
+        for module, name in targets:
+            self._wrap(monkeypatch, module, name)
+
+    def _wrap(self, monkeypatch, module, name) -> None:
+        original = getattr(module, name)
+        self.counts[name] = 0
+
+        def counted(*args, **kwargs):
+            self.counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    "mode,prefix_lens,new_lens,window",
+    [
+        (ForwardMode.EXTEND, [0, 30, 1, 7], [20, 3, 2, 17], None),
+        (ForwardMode.EXTEND, [0, 30, 1, 7], [20, 3, 2, 17], 6),
+        (ForwardMode.DECODE, [40, 0, 18], [1, 1, 1], None),
+        (ForwardMode.DECODE, [40, 0, 18], [1, 1, 1], 6),
+    ],
+)
+def test_triton_backend_matches_torch_backend(monkeypatch, mode, prefix_lens, new_lens, window):
+    calls = Calls(monkeypatch, (ka, "extend_attention_triton"), (ka, "decode_attention_triton"),
+                  (layer_attention, "store_kv_triton"))  # fmt: skip
+    args = (mode, prefix_lens, new_lens, 2, 4, 32, torch.float32, seed_of(mode, window))
+    want_case, got_case = make_case(*args), make_case(*args)
+    want = create_attention_backend("torch").forward(
+        0, want_case.q, want_case.k_new, want_case.v_new, want_case.batch, want_case.kv, 0.3, window
+    )
+    triton_backend = create_attention_backend("triton", extend_block=BLOCK, decode_block=BLOCK)
+    assert triton_backend.uses_kernels(torch.device("cpu"))
+    got = triton_backend.forward(
+        0, got_case.q, got_case.k_new, got_case.v_new, got_case.batch, got_case.kv, 0.3, window
+    )
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_case.kv.k[0], want_case.kv.k[0], atol=0, rtol=0)  # new K/V stored alike
+    torch.testing.assert_close(got_case.kv.v[0], want_case.kv.v[0], atol=0, rtol=0)
+    kernel = "decode_attention_triton" if mode is ForwardMode.DECODE else "extend_attention_triton"
+    assert calls.counts[kernel] == 1 and calls.counts["store_kv_triton"] == 1, calls.counts
+
+
+def test_extend_plan_covers_every_token_once_longest_first():
+    prefix, ext = [0, 40, 3, 9], [35, 2, 0, 16]
+    plan = ka.plan_extend(prefix, ext, torch.device("cpu"), block_m=16)
+    tiles = list(zip(plan.tile_req.tolist(), plan.tile_start.tolist()))
+    covered = sorted((i, m + j) for i, m in tiles for j in range(16) if m + j < ext[i])
+    assert covered == [(i, t) for i in range(4) for t in range(ext[i])]
+    keys = [prefix[i] + min(m + 16, ext[i]) for i, m in tiles]
+    assert keys == sorted(keys, reverse=True)
+    assert plan.req_meta.tolist() == [prefix, ext, [0, 35, 37, 37]] and plan.num_tokens == 53
+
+
+def test_decode_split_policy():
+    # one long request on a 132-SM GPU: split up to the cap; a full batch: no split
+    assert ka.decode_splits(1, 8, 32768, 132) == ka.MAX_SPLITS
+    assert ka.decode_splits(256, 8, 32768, 132) == 1
+    # short sequences are not split below MIN_SPLIT_TOKENS keys per split
+    assert ka.decode_splits(1, 8, ka.MIN_SPLIT_TOKENS * 3, 132) == 3
+    assert ka.decode_splits(4, 2, 100, 132) == 1
+    assert ka.decode_splits(0, 8, 0, 132) == 1
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_interpreted_kernels_are_used():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert all(isinstance(k, InterpretedFunction) for k in ka._kernels(ka.interpreting()))
+
+
+def _decode_args(**change):
+    case = stored_case(make_case(ForwardMode.DECODE, [4, 9], [1, 1], 2, 2, 16, torch.float32, seed=3))
+    b = case.batch
+    args = dict(q=case.q, k_cache=case.kv.k[0], v_cache=case.kv.v[0], req_to_token=b.req_to_token,
+                req_rows=b.req_rows, seq_lens=b.seq_lens, scale=0.3, sliding_window=None, num_splits=2)  # fmt: skip
+    args.update({name: fn(args) for name, fn in change.items()})
+    return args
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"q": lambda a: a["q"].to(torch.int32)}, "q dtype"),
+        ({"q": lambda a: a["q"][..., :8]}, "head_dim of q"),
+        ({"q": lambda a: a["q"][:, :3]}, "not a multiple of"),
+        ({"q": lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2)}, "last dim must be contiguous"),
+        ({"k_cache": lambda a: a["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)}, "must be contiguous"),
+        ({"v_cache": lambda a: a["v_cache"].half()}, "v_cache dtype"),
+        ({"seq_lens": lambda a: a["seq_lens"] + TABLE_WIDTH}, "does not fit the table's 96 columns"),
+        ({"seq_lens": lambda a: a["seq_lens"] - a["seq_lens"]}, "seq_lens must be >= 1"),
+        ({"req_rows": lambda a: a["req_rows"] + 100}, "outside the table's rows"),
+        ({"k_cache": lambda a: a["k_cache"][:3], "v_cache": lambda a: a["v_cache"][:3]}, "the pool has 0..2"),
+        ({"seq_lens": lambda a: a["seq_lens"][:1]}, "seq_lens shape"),
+        ({"scale": lambda a: -1.0}, "scale must be"),
+        ({"sliding_window": lambda a: 0}, "sliding_window"),
+        ({"num_splits": lambda a: 0}, "num_splits"),
+    ],
+)
+def test_decode_wrapper_asserts_before_launch(change, message):
+    with pytest.raises(AssertionError, match=message):
+        ka.decode_attention_triton(**_decode_args(**change))
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_extend_wrapper_asserts_plan_fits_batch():
+    case = stored_case(make_case(ForwardMode.EXTEND, [0, 3], [4, 2], 1, 2, 16, torch.float32, seed=4))
+    b = case.batch
+    bad_plan = ka.plan_extend([0, 3], [4, 3], case.q.device)
+    with pytest.raises(AssertionError, match="plan covers 7 tokens, q has 6"):
+        ka.extend_attention_triton(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, bad_plan, 0.3, None)
+    long_plan = ka.plan_extend([0, TABLE_WIDTH], [4, 2], case.q.device)
+    with pytest.raises(AssertionError, match="does not fit the table"):
+        ka.extend_attention_triton(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, long_plan, 0.3, None)
+
+
+@needs_triton
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(AssertionError, match="TRITON_INTERPRET=1"):
+        ka.decode_attention_triton(**_decode_args())
+    with pytest.raises(InvalidRequestError, match="attention_backend"):
+        resolve_attention_backend("triton", torch.device("cpu"))
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_attention_backend("auto", torch.device("cuda")) == "triton"
+    assert not create_attention_backend("triton").uses_kernels(torch.device("cpu"))
+    assert not create_attention_backend("torch").uses_kernels(torch.device("cuda"))
+
+
+# ------------------------------------------------------------------------------------ whole engine
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])  # q/k norms, head_dim 32; sliding window 7, GQA 4
+def test_engine_on_triton_backend_matches_torch_backend(monkeypatch, tmp_path, arch):
+    import braid.runtime.layers.norm as layer_norm
+    import braid.runtime.layers.rotary as layer_rotary
+    import braid.runtime.models.decoder as decoder
+
+    folder = make_engine_model(arch, tmp_path, num_hidden_layers=2)
+    prompts = random_prompts(3, 5, 21, 512, seed=21)
+    params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 5}
+    outputs = {}
+    for backend in ("torch", "triton"):
+        calls = Calls(monkeypatch, (ka, "extend_attention_triton"), (ka, "decode_attention_triton"),
+                      (layer_attention, "store_kv_triton"), (layer_norm, "rms_norm_triton"),
+                      (layer_norm, "add_rms_norm_triton"), (layer_rotary, "apply_rotary_triton"),
+                      (decoder, "silu_and_mul_triton"))  # fmt: skip
+        # chunks of 8 tokens: extends over a cached prefix, not just plain prefills
+        with bd.Engine(model_path=folder, device="cpu", attention_backend=backend, max_total_tokens=512,
+                       cpu_threads=1, chunked_prefill_size=8) as eng:  # fmt: skip
+            assert eng.runner.attention_backend == backend
+            outputs[backend] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            assert_at_rest(eng)
+        used = {name for name, n in calls.counts.items() if n}
+        assert used == (set(calls.counts) if backend == "triton" else set()), calls.counts
+    for want, got in zip(outputs["torch"], outputs["triton"]):
+        assert got["output_ids"] == want["output_ids"]
+        lps = [(a[0], b[0]) for a, b in zip(got["meta_info"]["output_token_logprobs"],
+                                            want["meta_info"]["output_token_logprobs"])]  # fmt: skip
+        assert max(abs(a - b) for a, b in lps) < 1e-4
+    assert len({t for o in outputs["torch"] for t in o["output_ids"]}) > 2, "degenerate model output"
