@@ -14,6 +14,7 @@ the documents it did not finish are simply not written, for the rerun to do.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -52,7 +53,7 @@ class ExtractSettings:
     max_new_tokens: int = 512
     temperature: float = 0.0
 
-    @property
+    @functools.cached_property  # built once, read by every document's program
     def system_prompt(self) -> str:
         return f"{self.instruction}\n\nJSON schema:\n{self.schema_text}"
 
@@ -290,9 +291,9 @@ def settings_for(schema: Any, instruction: str | None, prompt_file: str | None, 
 def check_compiles(backend, settings: ExtractSettings) -> None:
     """Run the program once on an empty document for one token: a schema the backend cannot
     compile fails here, before any document (and the shared prefix lands in the cache)."""
-    probe = ExtractSettings(settings.schema_text, settings.instruction, 1, settings.temperature)
     try:
-        extract_document.run(probe.system_prompt, "", probe.schema_text, 1, probe.temperature, backend=backend)
+        extract_document.run(settings.system_prompt, "", settings.schema_text, 1, settings.temperature,
+                             backend=backend)
     except Exception as exc:  # noqa: BLE001 (classified below)
         if _backend_gone(exc):
             raise EngineClosedError(f"the backend does not answer: {_cause_message(exc)}") from None
