@@ -9,7 +9,7 @@ import runpy
 import sys
 
 from braid.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
-from braid.errors import BraidError
+from braid.errors import BraidError, InvalidRequestError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,10 +33,32 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    engine, server = from_cli_args(args, EngineConfig), from_cli_args(args, ServerConfig)
+    if engine.node_rank > 0:  # tensor-parallel ranks of another node: no server, no scheduler
+        from braid.runtime.tp_worker import run_node
+
+        return run_node(engine)
+    if args.dp is not None:
+        from braid.server.dp import DPConfig, serve_dp
+
+        if args.dp < 1:
+            raise InvalidRequestError("dp", f"expected at least 1 replica, got {args.dp}")
+        return serve_dp(engine, server, DPConfig(args.dp, args.router_policy, args.router_metrics_port,
+                                                 args.router_args))
     from braid.server import serve
 
-    serve(from_cli_args(args, EngineConfig), from_cli_args(args, ServerConfig))
+    serve(engine, server)
     return 0
+
+
+def _add_dp_args(srv: argparse.ArgumentParser) -> None:
+    dp = srv.add_argument_group("data parallel (docs/scale-out.md; needs: pip install 'braid[router]')")
+    dp.add_argument("--dp", type=int, default=None, help="run N replicas behind the SGLang router (smg) on "
+                                                         "--host/--port; replicas listen on loopback ports")
+    dp.add_argument("--router-policy", default="cache_aware", help="smg's --policy (default: cache_aware)")
+    dp.add_argument("--router-metrics-port", type=int, default=None, help="smg's Prometheus port, bound to "
+                                                                          "127.0.0.1 (default: a free port)")
+    dp.add_argument("--router-args", default="", help="more `smg launch` flags, as one quoted string")
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -83,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the HTTP API (/generate, OpenAI /v1/*) on 127.0.0.1:30000")
     add_cli_args(srv, ServerConfig)
     add_cli_args(srv, EngineConfig)
+    _add_dp_args(srv)
     srv.set_defaults(func=_serve)
     _add_extract(sub)
     return parser

@@ -49,22 +49,43 @@ class EngineConfig:
     mem_fraction_static: float = _opt(0.85, "GPU: fraction of free memory (after weights) given to the KV pool")
     context_len: int | None = _opt(None, "max tokens per request (prompt + output); unset = the model's limit")
     disable_radix_cache: bool = _opt(False, "turn prefix caching off")
+    disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA graphs (GPU only)")
+    cuda_graph_max_bs: int = _opt(256, "largest decode batch captured as a CUDA graph; larger batches run eagerly")
+    disable_overlap_schedule: bool = _opt(
+        False, "CUDA: take each decode step's tokens on the host before launching the next step, not while it runs"
+    )
     cpu_threads: int = _opt(0, "torch intra-op threads; 0 = auto (cores - 1, at least 1, at most 8): see docs")
     new_token_ratio: float = _opt(0.4, "fraction of a running request's remaining max_new_tokens reserved at admission")
     random_seed: int = _opt(0, "seed of the shared generator used by requests without their own seed")
     cache_dir: str | None = _opt(None, "where converted GGUF models are cached; unset = $BRAID_CACHE or ~/.cache/braid")
+    tp_size: int = field(default=1, metadata={
+        "help": "tensor-parallel ranks, one process each (NCCL on GPUs, gloo on the CPU); see docs/scale-out.md",
+        "aliases": ("--tp",)})  # fmt: skip
+    nnodes: int = _opt(1, "machines the tensor-parallel ranks span (tp_size / nnodes ranks on each)")
+    node_rank: int = _opt(0, "this machine's index among nnodes; nodes other than 0 run only tensor-parallel workers")
+    dist_init_addr: str | None = _opt(
+        None, "HOST:PORT where node 0 meets the other ranks (torch.distributed TCP store); unset = a free port"
+        " on 127.0.0.1 (one node only)"
+    )
 
     def __post_init__(self) -> None:
         _check_field_types(self)
         checks = [
             ("chunked_prefill_size", self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1, "-1 or >= 1"),
             ("max_running_requests", self.max_running_requests >= 1, ">= 1"),
+            ("cuda_graph_max_bs", self.cuda_graph_max_bs >= 1, ">= 1"),
             ("max_total_tokens", self.max_total_tokens is None or self.max_total_tokens >= 16, ">= 16 or unset"),
             ("mem_fraction_static", 0.0 < self.mem_fraction_static < 1.0, "in (0, 1)"),
             ("context_len", self.context_len is None or self.context_len >= 2, ">= 2 or unset"),
             ("cpu_threads", self.cpu_threads >= 0, ">= 0"),
             ("grammar_compile_timeout", self.grammar_compile_timeout > 0, "> 0"),
             ("new_token_ratio", 0.0 <= self.new_token_ratio <= 1.0, "in [0, 1]"),
+            ("tp_size", self.tp_size >= 1, ">= 1"),
+            ("nnodes", self.nnodes >= 1, ">= 1"),
+            ("tp_size", self.nnodes < 1 or self.tp_size % self.nnodes == 0, f"a multiple of nnodes ({self.nnodes})"),
+            ("node_rank", 0 <= self.node_rank < self.nnodes, f"0 .. nnodes - 1 ({self.nnodes - 1})"),
+            ("dist_init_addr", self.dist_init_addr is not None or self.nnodes == 1, "HOST:PORT when nnodes > 1"),
+            ("dist_init_addr", self.dist_init_addr is None or _is_host_port(self.dist_init_addr), "HOST:PORT"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -98,6 +119,11 @@ class ServerConfig:
             raise InvalidRequestError("port", f"got {self.port}, allowed: 0..65535")
 
 
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) <= 65535
+
+
 def _check_field_types(config: Any) -> None:
     """Every field holds its annotated type (bool is not an int; an int is a fine float)."""
     hints = get_type_hints(type(config))
@@ -123,13 +149,13 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig, skip
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata.get("help"))
+            parser.add_argument(*flags, action="store_true", default=f.default, help=f.metadata.get("help"))
             continue
         base = next((t for t in (int, float, str) if t == hint or str(t.__name__) in str(hint)), str)
-        parser.add_argument(flag, type=base, default=f.default, help=f.metadata.get("help"))
+        parser.add_argument(*flags, type=base, default=f.default, help=f.metadata.get("help"))
 
 
 def from_cli_args(args: argparse.Namespace, cls: type = EngineConfig) -> Any:

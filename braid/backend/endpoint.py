@@ -1,10 +1,13 @@
 """``bd.RuntimeEndpoint(url, api_key=None)``: the language on a ``braid serve`` over HTTP.
 
-It talks to the native API: ``/generate`` (a fork group's gens, and a select's scoring
-requests, go in one body, so the server admits them together over one prefix, as in-process),
-``/tokenize`` (select's token boundaries are found exactly as the Engine backend finds them),
-``/render_chat`` (role markers from the server's own chat template) and ``/model_info``. With
-greedy decoding a program gives the same text on this backend as on the Engine it serves.
+It talks to the native API: ``/generate``, ``/tokenize`` (select's token boundaries are found
+exactly as the Engine backend finds them), ``/render_chat`` (role markers from the server's own
+chat template) and ``/get_model_info``. Every ``/generate`` body holds one prompt (a string or
+one token-id list, one sampling dict, one logprob start): the SGLang router refuses batch forms
+(``"text": [...]``, lists of sampling dicts or starts), so a fork group's gens and a select's
+scoring requests go as concurrent single requests; the server's scheduler still shares their
+common prefix through the radix cache. With greedy decoding a program gives the same text on this
+backend as on the Engine it serves.
 
 Thread-safe: each thread has its own HTTP connection pool (backend/http.py).
 """
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from braid.backend.http import HttpClient
 from braid.backend.scoring import choice_logprobs, choice_requests, start_token_of
 from braid.lang.backend import GenCall, GenResult, by_logprob_flags
 from braid.lang.chat_template import RoleMarkers, read_role_markers
 from braid.lang.choices import ChoiceLogprobs
+
+MAX_CONCURRENT = 32  # single requests in flight per endpoint for one batch of calls
 
 
 class RuntimeEndpoint:
@@ -29,11 +35,12 @@ class RuntimeEndpoint:
         self._info: dict | None = None
         self._markers: RoleMarkers | None = None
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def model_info(self) -> dict:
         with self._lock:
             if self._info is None:
-                self._info = self.http.call("GET", "/model_info")
+                self._info = self.http.call("GET", "/get_model_info")  # the name the SGLang router forwards
             return self._info
 
     # ---- the Backend protocol --------------------------------------------------------------------
@@ -52,10 +59,18 @@ class RuntimeEndpoint:
         return by_logprob_flags(calls, self._generate_body)
 
     def _generate_body(self, calls: list[GenCall]) -> list[GenResult]:
-        outs = self.http.call("POST", "/generate", {
-            "text": [c.prompt for c in calls], "sampling_params": [c.sampling for c in calls],
-            "return_logprob": calls[0].return_logprob, "top_logprobs_num": calls[0].top_logprobs_num})
+        outs = self._each([{"text": c.prompt, "sampling_params": c.sampling, "return_logprob": c.return_logprob,
+                            "top_logprobs_num": c.top_logprobs_num} for c in calls])
         return [GenResult(o["text"], o["meta_info"]) for o in outs]
+
+    def _each(self, bodies: list[dict]) -> list[dict]:
+        """The answers to single-prompt /generate bodies, in order; sent concurrently."""
+        if len(bodies) == 1:
+            return [self.http.call("POST", "/generate", bodies[0])]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="braid-endpoint")
+        return list(self._pool.map(lambda body: self.http.call("POST", "/generate", body), bodies))
 
     def generate_stream(self, call: GenCall, on_text: Callable[[str], None]) -> GenResult:
         body = {"text": call.prompt, "sampling_params": call.sampling, "stream": True,
@@ -73,8 +88,8 @@ class RuntimeEndpoint:
         seqs, starts = choice_requests(lambda texts: self.http.call("POST", "/tokenize", {"text": texts})["tokens"],
                                        prompts, choices, unconditional,
                                        start_token_of(info["bos_token_id"], info["eos_token_ids"]))
-        outs = self.http.call("POST", "/generate", {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0},
-                                                    "return_logprob": True, "logprob_start_len": starts})
+        outs = self._each([{"input_ids": seq, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                            "logprob_start_len": start} for seq, start in zip(seqs, starts)])
         logprobs = [[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"]] for o in outs]
         return choice_logprobs(logprobs, len(prompts), len(choices), unconditional)
 

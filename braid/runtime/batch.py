@@ -56,18 +56,30 @@ def build_extend_batch(reqs: list[Req], table: torch.Tensor, device: torch.devic
         sample_rows=list(range(num_sample)),
         prompt_spans=[PromptSpan(s.req_index, num_sample + s.offset, s.count, s.first_token) for s in spans],
     )
-    fb = _make_batch(ForwardMode.EXTEND, reqs, ids, positions, rows, sample_rows + prompt_rows, table, device)
+    fb = _make_extend_batch(reqs, ids, positions, rows, sample_rows + prompt_rows, table, device)
     return fb, plan
 
 
-def build_decode_batch(reqs: list[Req], table: torch.Tensor, device: torch.device) -> ForwardBatch:
-    ids = [req.fill_ids[-1] for req in reqs]
-    positions = [req.kv_len for req in reqs]
-    return _make_batch(ForwardMode.DECODE, reqs, ids, positions, [r.row for r in reqs],
-                       list(range(len(reqs))), table, device)
+def decode_columns(reqs: list[Req]) -> list[list[int]]:
+    """A decode step's inputs on the host: token ids, positions, request rows and sequence
+    lengths after the step (what a CUDA graph replay copies in, in one block)."""
+    return [[r.last_token for r in reqs], [r.kv_len for r in reqs], [r.row for r in reqs],
+            [r.kv_len + 1 for r in reqs]]  # fmt: skip
 
 
-def _make_batch(mode, reqs, ids, positions, rows, logits_rows, table, device) -> ForwardBatch:
+def build_decode_batch(columns: list[list[int]], table: torch.Tensor, device: torch.device) -> ForwardBatch:
+    """The eager ForwardBatch of a decode step given as :func:`decode_columns`."""
+    ids, positions, rows, seq = columns
+    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    rows_t, pos_t = t(rows), t(positions)
+    return ForwardBatch(
+        mode=ForwardMode.DECODE, input_ids=t(ids), positions=pos_t, out_slots=table[rows_t, pos_t],
+        req_rows=rows_t, seq_lens=t(seq), prefix_lens_cpu=list(positions), extend_lens_cpu=[1] * len(ids),
+        seq_lens_cpu=list(seq), logits_rows=t(list(range(len(ids)))), req_to_token=table,
+    )  # fmt: skip
+
+
+def _make_extend_batch(reqs, ids, positions, rows, logits_rows, table, device) -> ForwardBatch:
     prefix = [r.kv_len for r in reqs]
     ext = [r.extend_len for r in reqs]
     seq = [p + e for p, e in zip(prefix, ext)]
@@ -76,7 +88,7 @@ def _make_batch(mode, reqs, ids, positions, rows, logits_rows, table, device) ->
     # slots of the new tokens: already recorded in the request rows by KVManager.extend
     req_of_token = torch.repeat_interleave(rows_t, t(ext))
     return ForwardBatch(
-        mode=mode, input_ids=t(ids), positions=pos_t, out_slots=table[req_of_token, pos_t],
+        mode=ForwardMode.EXTEND, input_ids=t(ids), positions=pos_t, out_slots=table[req_of_token, pos_t],
         req_rows=rows_t, seq_lens=t(seq), prefix_lens_cpu=prefix, extend_lens_cpu=ext, seq_lens_cpu=seq,
         logits_rows=t(logits_rows), req_to_token=table,
     )

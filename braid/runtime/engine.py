@@ -32,6 +32,7 @@ from braid.runtime.policy import POLICIES
 from braid.runtime.requests_in import GenerateInput, normalize_generate_args
 from braid.runtime.scheduler import Scheduler
 from braid.runtime.tokenizer import Tokenizer
+from braid.runtime.tp_worker import WorkerProcesses, start_tensor_parallel, stop_tensor_parallel
 
 log = logging.getLogger("braid.engine")
 
@@ -40,6 +41,8 @@ class Engine:
     """An in-process serving engine. The scheduler runs on its own thread (see docs/architecture.md).
 
     ``Engine(model_path=None, **config)``: every keyword is a field of :class:`EngineConfig`.
+    With ``tp_size > 1`` this process is tensor-parallel rank 0 and the engine starts this node's
+    other ranks as worker processes (docs/scale-out.md); ``shutdown`` stops them.
     """
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
@@ -51,13 +54,22 @@ class Engine:
         POLICIES.get(self.config.schedule_policy)  # unknown names fail before the model loads
         folder = resolve_model_path(self.config.model_path, self.config.resolved_cache_dir)
         self.tokenizer = Tokenizer(folder)
-        self.runner = ModelRunner(self.config, folder)
+        self._tp_workers: WorkerProcesses | None = None
+        if self.config.tp_size > 1:
+            self.runner, self._tp_workers = start_tensor_parallel(self.config, folder)
+        else:
+            self.runner = ModelRunner(self.config, folder)
         self.model_folder = folder
-        self.constraints = Constraints(self.config.grammar_backend, self.tokenizer, self.runner.info.vocab_size,
-                                       self.config.grammar_compile_timeout)
+        try:
+            self.constraints = Constraints(self.config.grammar_backend, self.tokenizer,
+                                           self.runner.info.vocab_size, self.config.grammar_compile_timeout)
+            self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)
+        except BaseException:
+            if self._tp_workers is not None:  # no forward ran yet: the workers can be told to stop
+                stop_tensor_parallel(self.runner, self._tp_workers, scheduler_done=True)
+            raise
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
-        self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)
         self._closed = False
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._run_scheduler, name="braid-scheduler", daemon=True)
@@ -80,7 +92,8 @@ class Engine:
 
     @property
     def is_alive(self) -> bool:
-        return not self._closed and self._thread.is_alive()
+        workers_ok = self._tp_workers is None or self._tp_workers.all_alive()
+        return not self._closed and self._thread.is_alive() and workers_ok
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(
@@ -162,7 +175,10 @@ class Engine:
         self._closed = True
         self.scheduler.inbox.put(Shutdown())
         self._thread.join(timeout=30)
-        if not self._thread.is_alive():  # the scheduler is done with the device: free its memory now,
+        done = not self._thread.is_alive()
+        if self._tp_workers is not None:
+            stop_tensor_parallel(self.runner, self._tp_workers, scheduler_done=done)
+        if done:  # the scheduler is done with the device: free its memory now,
             self.runner.release()  # not whenever the last reference to this engine goes
 
     def __enter__(self) -> Engine:

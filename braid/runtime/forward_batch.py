@@ -36,6 +36,9 @@ class ForwardBatch:
     # Per-forward memo for the attention backend: metadata every layer shares (gather indices,
     # masks) is computed by the first layer and reused by the others. Lives as long as the batch.
     attn_memo: dict = field(default_factory=dict)
+    # DECODE under a CUDA graph: size the attention launch for sequences up to this many keys
+    # (the context length), not for the host lengths above, which change between replays.
+    decode_max_keys: int | None = None
 
     @property
     def batch_size(self) -> int:

@@ -67,6 +67,13 @@ class KVManager:
         self.req_pool.write(req.row, req.kv_len, slots)
         return slots
 
+    def extend_decode(self, reqs: list[Req]) -> None:
+        """``extend(req, 1)`` for every request of a decode step, with one allocation and one
+        table write for the whole batch (per-request writes were a device launch each)."""
+        slots = self.allocate(len(reqs))
+        rows, positions = torch.tensor([[r.row for r in reqs], [r.kv_len for r in reqs]], device=slots.device)
+        self.req_pool.table[rows, positions] = slots
+
     def discard(self, req: Req, n: int) -> None:
         """Free the ``n`` slots allocated past ``kv_len`` by a pass that failed before writing."""
         self.allocator.free(self.req_pool.table[req.row, req.kv_len : req.kv_len + n].clone())

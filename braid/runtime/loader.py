@@ -16,7 +16,9 @@ import torch
 from safetensors import safe_open
 
 from braid.errors import InvalidRequestError, ModelLoadError
-from braid.runtime.models import ARCHITECTURES, CausalLM
+from braid.runtime.distributed import SINGLE, TPGroup
+from braid.runtime.models import ARCHITECTURES, CausalLM, decoder_config_from_hf
+from braid.runtime.models.decoder import check_tp_fits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Spellings found in HF configs' torch_dtype / dtype fields.
@@ -29,14 +31,15 @@ class ModelInfo:
 
     architecture: str  # the config's architectures[0], e.g. "LlamaForCausalLM"
     num_layers: int
-    num_heads: int  # query heads
-    num_kv_heads: int
+    num_heads: int  # query heads of this rank (all of them without tensor parallelism)
+    num_kv_heads: int  # KV heads this rank holds, i.e. per KV pool slot (a shared one counts once)
     head_dim: int
     hidden_size: int
     vocab_size: int
     max_context_len: int  # max_position_embeddings
     dtype: torch.dtype  # of parameters and activations
     sliding_window: int | None  # window of the sliding layers, None when all attend fully
+    tp_size: int = 1  # tensor-parallel ranks the model is split over
 
 
 def resolve_dtype(dtype: str, config: dict, device: torch.device | str) -> torch.dtype:
@@ -65,12 +68,16 @@ def read_config(folder: str | Path) -> dict:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_model(folder: str, dtype: str = "auto", device: torch.device | str = "cpu") -> tuple[CausalLM, ModelInfo]:
-    """Build the architecture named in ``folder/config.json`` and load its safetensors.
+def load_model(
+    folder: str, dtype: str = "auto", device: torch.device | str = "cpu", tp: TPGroup = SINGLE
+) -> tuple[CausalLM, ModelInfo]:
+    """Build the architecture named in ``folder/config.json`` and load its safetensors (this
+    rank's slices of them under tensor parallelism).
 
     Raises UnknownNameError (architecture not registered; lists the known ones),
-    InvalidRequestError (bad ``dtype``) or ModelLoadError (unreadable folder, missing,
-    unexpected or misshapen tensors, unsupported settings)."""
+    InvalidRequestError (bad ``dtype``; a ``tp_size`` the model's heads do not divide by) or
+    ModelLoadError (unreadable folder, missing, unexpected or misshapen tensors, unsupported
+    settings)."""
     config = read_config(folder)
     names = config.get("architectures") or []
     if not names:
@@ -79,25 +86,34 @@ def load_model(folder: str, dtype: str = "auto", device: torch.device | str = "c
     factory = ARCHITECTURES.get(architecture)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = factory(config)
+        model = factory(config, tp)
     model = model.to(torch_dtype).to_empty(device=device)
     model.after_materialize()
     model.load_weights(iter_safetensors(folder))
     model.eval()
-    cfg = model.config
+    cfg, attn = model.config, model.model.layers[0].self_attn
     info = ModelInfo(
         architecture=architecture,
         num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_kv_heads,
         head_dim=cfg.head_dim,
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         max_context_len=cfg.max_positions,
         dtype=torch_dtype,
         sliding_window=cfg.sliding_window,
+        tp_size=tp.size,
     )
     return model, info
+
+
+def check_tensor_parallel(folder: str, tp_size: int) -> None:
+    """Fail before any process starts when the model in ``folder`` cannot be split ``tp_size``
+    ways (InvalidRequestError naming ``tp_size`` and the model's head counts)."""
+    if tp_size > 1:
+        cfg = decoder_config_from_hf(read_config(folder), qkv_bias=False, o_bias=False, qk_norm=False)
+        check_tp_fits(cfg, tp_size)
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:

@@ -53,12 +53,16 @@ class SlotAllocator:
 
 
 class ReqToTokenPool:
-    """``table[row, pos]`` = KV slot of token ``pos`` of the request in ``row``."""
+    """``table[row, pos]`` = KV slot of token ``pos`` of the request in ``row``.
+
+    The table has one row more than ``max_requests``: row ``padding_row`` is never handed out
+    and stays all zeros (every position maps to the padding slot 0), for padded batch rows."""
 
     def __init__(self, max_requests: int, max_context_len: int, device: torch.device | str) -> None:
         self.max_requests = max_requests
         self.max_context_len = max_context_len
-        self.table = torch.zeros(max_requests, max_context_len, dtype=torch.int64, device=device)
+        self.padding_row = max_requests
+        self.table = torch.zeros(max_requests + 1, max_context_len, dtype=torch.int64, device=device)
         self._free_rows = list(range(max_requests - 1, -1, -1))
 
     @property

@@ -13,7 +13,7 @@ from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import decode_output
 from braid.runtime.messages import RequestOutput
 from braid.runtime.request import FinishReason, Req
-from braid.runtime.sampler import SamplingInput, logprobs_of, sample
+from braid.runtime.sampler import SamplingInput, choose_tokens, logprobs_of, sample
 
 PROMPT_TAIL = 8  # prompt tokens decoded before the output, so its first token renders as in context
 
@@ -37,6 +37,13 @@ class OutputProcessor:
                 if req.top_logprobs_num:
                     req.output_top_logprobs.append([(lp, tid, None) for lp, tid in out.top_logprobs[i]])
         return out.token_ids
+
+    @torch.inference_mode()  # masks in place: the logits may be a CUDA graph's (inference) output
+    def choose_tokens(self, reqs: list[Req], logits: torch.Tensor, shared_generator) -> torch.Tensor:
+        """``sample`` for requests that want no logprobs, the tokens left on the device."""
+        assert not any(r.return_logprob for r in reqs), "logprobs need sample()"
+        self.constraints.mask_logits(logits, reqs)
+        return choose_tokens(logits, [self._sampling_input(r, shared_generator) for r in reqs])
 
     def _sampling_input(self, req: Req, shared_generator) -> SamplingInput:
         p = req.params

@@ -78,15 +78,21 @@ def sample(logits: torch.Tensor, inputs: list[SamplingInput]) -> SampleOutput:
     Seeded rows advance their own generator by ``V`` draws; unseeded sampled rows draw from the
     global RNG of ``logits.device``; greedy rows draw nothing.
     """
-    assert logits.dim() == 2, f"logits must be (B, V), got shape {tuple(logits.shape)}"
-    assert logits.shape[0] == len(inputs), f"{logits.shape[0]} logits rows but {len(inputs)} inputs"
     logits = logits.float()
-    plain_greedy = all(inp.params.is_greedy and not inp.params.has_penalties and not inp.banned_ids for inp in inputs)
-    token_ids = logits.argmax(dim=-1) if plain_greedy else _choose(logits, inputs)
+    token_ids = choose_tokens(logits, inputs)
     top_nums = [inp.top_logprobs_num for inp in inputs]
     if not any(inp.return_logprob for inp in inputs) and not any(top_nums):
         return SampleOutput(token_ids.tolist(), [None] * len(inputs), [[] for _ in inputs])
     return _report(logits, token_ids, top_nums)
+
+
+def choose_tokens(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """The token ids ``(B,)`` that ``sample`` picks, left on the device (nothing waits for them)."""
+    assert logits.dim() == 2, f"logits must be (B, V), got shape {tuple(logits.shape)}"
+    assert logits.shape[0] == len(inputs), f"{logits.shape[0]} logits rows but {len(inputs)} inputs"
+    logits = logits.float()
+    plain_greedy = all(inp.params.is_greedy and not inp.params.has_penalties and not inp.banned_ids for inp in inputs)
+    return logits.argmax(dim=-1) if plain_greedy else _choose(logits, inputs)
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tensor, top_k: int) -> LogprobsOutput:

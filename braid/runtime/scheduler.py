@@ -18,12 +18,13 @@ import logging
 import queue
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from braid.config import EngineConfig
 from braid.radix_cache import RadixCache
-from braid.runtime.batch import build_decode_batch, build_extend_batch
+from braid.runtime.batch import build_extend_batch, decode_columns
 from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
@@ -44,6 +45,31 @@ IN_BATCH_SHARE_MIN = 32
 RESERVE_CLIP = 4096
 
 
+@dataclass
+class InFlight:
+    """A decode step sampled on the device whose tokens the host has not taken yet (overlap)."""
+
+    reqs: list[Req]  # the sampled requests, in the order of ``tokens``
+    tokens: torch.Tensor  # (B,) int64 on the device: the next step's input ids
+    host: torch.Tensor  # their copy on the host (pinned on CUDA), valid once ``done`` is reached
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, reqs: list[Req], tokens: torch.Tensor) -> InFlight:
+        if tokens.device.type != "cuda":
+            return cls(reqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(reqs, tokens, host, done)
+
+    def token_list(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, constraints: Constraints,
                  on_output: Callable[[RequestOutput], None]) -> None:
@@ -62,8 +88,13 @@ class Scheduler:
         self.running: list[Req] = []  # decode phase
         self.chunked: Req | None = None  # partially prefilled, continues next step
         self.shared_generator = make_generator(config.random_seed, runner.device)
+        runner.capture_decode_graphs(self.kv.req_pool.table, self.kv.req_pool.padding_row)
         self._arrivals = 0
         self._stop = False
+        # Overlap: a decode step is launched before the host takes the previous step's tokens, so
+        # the host's bookkeeping runs while the GPU computes (docs/architecture.md, "Overlap").
+        self.overlap = runner.device.type == "cuda" and not config.disable_overlap_schedule
+        self.in_flight: InFlight | None = None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0}
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -81,14 +112,25 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked)
 
     def step(self) -> None:
+        if self.in_flight is not None and (self.waiting or self.chunked or not self.running):
+            self._take_in_flight()  # admission and extends see every request's latest token
         batch = self._schedule_extend()
         reqs = batch if batch else list(self.running)
         try:
-            self._run_extend(batch) if batch else self._run_decode()
+            if batch:
+                self._run_extend(batch)
+            elif self.overlap and self._can_overlap():
+                self._run_decode_overlapped()
+            else:
+                if self.in_flight is not None:
+                    self._take_in_flight()
+                self._run_decode()
         except Exception as exc:  # one bad batch must not kill the engine
             log.error("forward failed: %s", traceback.format_exc())
+            self.in_flight = None
             for req in reqs:
-                self._fail(req, f"internal error: {exc!r}")
+                if not req.finished:
+                    self._fail(req, f"internal error: {exc!r}")
 
     def _receive(self, block: bool) -> None:
         while True:
@@ -112,6 +154,7 @@ class Scheduler:
                 log.info("flush cache: %s", "done" if ok else "refused (requests running)")
             elif isinstance(msg, Shutdown):
                 self._stop = True
+                self.in_flight = None
                 for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
                     self._fail(req, "engine shut down")
                 return
@@ -253,18 +296,66 @@ class Scheduler:
             return
         for req in reqs:
             req.extend_len = req.seq_len - req.kv_len
-            self.kv.extend(req, req.extend_len)
+        plain = all(req.extend_len == 1 for req in reqs)
+        if plain:
+            self.kv.extend_decode(reqs)
+        else:
+            for req in reqs:
+                self.kv.extend(req, req.extend_len)
         # the grammar masks are filled on the mask thread while this thread launches the forward
         masks = self.outputs.constraints.prepare_masks([r for r in reqs if r.remaining_new_tokens > 0])
-        if all(req.extend_len == 1 for req in reqs):
-            logits = self.runner.forward(build_decode_batch(reqs, self.kv.req_pool.table, self.runner.device))
+        if plain:
+            logits = self.runner.decode(decode_columns(reqs), self.kv.req_pool.table)
         else:
             fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
             logits = self.runner.forward(fb)[plan.sample_rows]
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
-        self._sample_and_advance(reqs, logits, masks)
+        self._sample_and_advance(reqs, logits, masks, new_to_running=False)
+
+    def _can_overlap(self) -> bool:
+        """The next decode can start before the in-flight tokens are taken: a plain decode of
+        every running request (each was in the in-flight step, or is one token ahead of its
+        KV), no logprobs (they are read on the host), and KV for all of them without retracting."""
+        if self.in_flight is None:
+            plain = all(r.seq_len - r.kv_len == 1 and not r.return_logprob for r in self.running)
+        else:  # requests outside the in-flight step (a jump-forward) run the regular path first
+            prev = {id(r) for r in self.in_flight.reqs}
+            plain = all(id(r) in prev and r.seq_len == r.kv_len for r in self.running)
+        return plain and bool(self.running) and self.kv.can_allocate(len(self.running))
+
+    def _run_decode_overlapped(self) -> None:
+        """Launch the decode of every running request, with the in-flight tokens as inputs
+        straight from the device; then, while the GPU computes, take those tokens on the host
+        (finish checks, text, streaming); then sample this step on the device and leave its
+        tokens in flight."""
+        reqs = list(self.running)
+        prev, self.in_flight = self.in_flight, None
+        input_ids = None
+        if prev is not None:
+            where = {id(r): i for i, r in enumerate(prev.reqs)}
+            order = [where[id(r)] for r in reqs]
+            same = order == list(range(len(prev.reqs)))
+            input_ids = prev.tokens if same else prev.tokens[torch.tensor(order, device=prev.tokens.device)]
+        self.kv.extend_decode(reqs)  # a pending token sits at position kv_len, as a sampled one does
+        logits = self.runner.decode(decode_columns(reqs), self.kv.req_pool.table, input_ids)
+        for req in reqs:
+            req.kv_len += 1
+        if prev is not None:
+            self._advance(prev.reqs, prev.token_list(), new_to_running=False)
+        # finished ones computed a row for nothing; a jump-forward request first extends its forced tokens
+        ready = [i for i, r in enumerate(reqs) if not r.finished and r.kv_len == r.seq_len]
+        if not ready:
+            return
+        if len(ready) < len(reqs):
+            logits = logits[torch.tensor(ready, device=logits.device)]
+        ready_reqs = [reqs[i] for i in ready]
+        self.in_flight = InFlight.start(ready_reqs, self.outputs.choose_tokens(ready_reqs, logits, self.shared_generator))
+
+    def _take_in_flight(self) -> None:
+        prev, self.in_flight = self.in_flight, None
+        self._advance(prev.reqs, prev.token_list(), new_to_running=False)
 
     def _make_room_for_decode(self) -> None:
         """Retract the newest requests until every running request gets its slots."""
@@ -280,8 +371,10 @@ class Scheduler:
         self.waiting.append(req)
         log.info("KV full: retracted %s (%d tokens)", req.rid, req.seq_len)
 
-    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor | None, masks=None) -> None:
-        """Sample one token for each request whose fill_ids are all in KV, then finish or keep it."""
+    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor | None, masks=None,
+                            new_to_running: bool = True) -> None:
+        """Sample one token for each request whose fill_ids are all in KV, then finish or keep it
+        (``new_to_running``: the requests come from an extend and join ``running``)."""
         finished_zero = [r for r in reqs if r.remaining_new_tokens == 0]
         for req in finished_zero:  # e.g. max_new_tokens=0: prompt only (logprob scoring, n>1 warm-up)
             self._drop_running(req)
@@ -290,15 +383,20 @@ class Scheduler:
         if not keep:
             return
         reqs = [reqs[i] for i in keep]
-        tokens = self.outputs.sample(reqs, logits[keep], self.shared_generator, masks)
+        self._advance(reqs, self.outputs.sample(reqs, logits[keep], self.shared_generator, masks), new_to_running)
+
+    def _advance(self, reqs: list[Req], tokens: list[int], new_to_running: bool) -> None:
+        """Append each request's sampled token, then finish it or keep it running."""
         for req, tok in zip(reqs, tokens):
+            if req.finished:  # aborted while its token was in flight
+                continue
             self.stats["generated_tokens"] += 1
             reason, matched = self.outputs.append_token(req, tok, self.context_len)
             if reason is not None:
                 self._drop_running(req)
                 self._finish(req, reason, matched)
             else:
-                if req not in self.running:
+                if new_to_running:
                     self.running.append(req)
                 self.outputs.emit_progress(req)
 

@@ -1,5 +1,6 @@
 """The HTTP app: SGLang's native ``/generate``, OpenAI's ``/v1/*`` (openai_routes.py), ``/health``,
-``/metrics``, and the routes bd.RuntimeEndpoint uses.
+``/metrics``, the routes bd.RuntimeEndpoint uses, and what the SGLang router asks of a worker
+(worker_routes.py).
 
 ``create_app(engine, config)`` serves an Engine that is already loaded. Every error is an
 OpenAI-style JSON body (``{"error": {"message", "type", "param", "code"}}``) with the status of
@@ -29,6 +30,8 @@ from braid.server.http import (
 from braid.server.metrics import Metrics
 from braid.server.openai_routes import add_openai_routes
 from braid.server.protocol import GenerateRequest, RenderChatRequest, TokenizeRequest, add_request_bodies, decode
+from braid.server.sglang_fields import GENERATE_REFUSED, engine_sampling, one_for_batch, refuse_set
+from braid.server.worker_routes import add_worker_routes
 
 
 def create_app(engine, config: ServerConfig) -> FastAPI:
@@ -85,9 +88,11 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         req = decode(await request.body(), GenerateRequest)
-        args = dict(prompt=req.text, input_ids=req.input_ids, sampling_params=req.sampling_params,
-                    return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
-                    logprob_start_len=req.logprob_start_len)
+        refuse_set(req, GENERATE_REFUSED)  # SGLang's fields braid cannot honour; the others are dropped
+        args = dict(prompt=req.text, input_ids=req.input_ids, sampling_params=engine_sampling(req.sampling_params),
+                    return_logprob=bool(one_for_batch("return_logprob", req.return_logprob)),
+                    top_logprobs_num=one_for_batch("top_logprobs_num", req.top_logprobs_num) or 0,
+                    logprob_start_len=-1 if req.logprob_start_len is None else req.logprob_start_len)
         timer = metrics.timer()
         if req.stream:
             return sse(_cumulative(await engine.async_generate(**args, stream=True), timer))
@@ -96,6 +101,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         return json_response(out)
 
     add_openai_routes(app, engine, metrics, model_name)
+    add_worker_routes(app, engine, config, model_name)
 
     def openapi() -> dict:  # FastAPI's description plus the msgspec request bodies
         if app.openapi_schema is None:

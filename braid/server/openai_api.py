@@ -17,6 +17,7 @@ from typing import Any
 
 from braid.errors import InvalidRequestError, RequestFailedError
 from braid.server.protocol import ChatCompletionRequest, CompletionRequest, Extras
+from braid.server.sglang_fields import OPENAI_REFUSED, refuse_set
 
 _EXTRA_NAMES = {"min_tokens": "min_new_tokens"}
 MAX_N = 64  # completions per prompt in one request
@@ -43,6 +44,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
 def _refuse_unsupported(req) -> None:
     if req.logit_bias:
         raise InvalidRequestError("logit_bias", "not supported by braid")
+    refuse_set(req, OPENAI_REFUSED)
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise InvalidRequestError("echo", "not supported by braid")
@@ -87,7 +89,7 @@ def chat_prompt(engine, req: ChatCompletionRequest) -> str:
         if m.role not in ("system", "user", "assistant", "developer"):
             raise InvalidRequestError(f"messages[{i}].role", f"expected system, user, assistant or developer, "
                                                              f"got {m.role!r}")
-        if m.tool_calls or m.function_call or m.audio:
+        if m.tool_calls or m.function_call or m.audio or m.tools:
             raise InvalidRequestError(f"messages[{i}]", "tool calls and audio are not supported by braid")
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m.content)})
     # as OpenAI: the reply is a new assistant turn, even after an assistant message
@@ -136,8 +138,8 @@ def _is_ids(value: Any) -> bool:
 
 def openai_field(field: str, chat: bool) -> str:
     """An engine field name as the OpenAI request spelled it."""
-    names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
-             "top_logprobs_num": "top_logprobs" if chat else "logprobs"}
+    names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+             "input_ids": "input_ids" if chat else "prompt", "top_logprobs_num": "top_logprobs" if chat else "logprobs"}
     field = field.removeprefix("sampling_params.")
     return names.get(field, field)
 

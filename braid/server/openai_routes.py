@@ -58,7 +58,8 @@ def add_openai_routes(app: FastAPI, engine, metrics: Metrics, model_name: str) -
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = oai.sampling_params(req, max_tokens if max_tokens is not None else engine.context_len)
             oai.apply_response_format(req, params)
-            inputs = {"prompt": [await asyncio.to_thread(oai.chat_prompt, engine, req)]}
+            inputs = ({"input_ids": [req.input_ids]} if req.input_ids is not None  # SGLang: rendered already
+                      else {"prompt": [await asyncio.to_thread(oai.chat_prompt, engine, req)]})
             top = req.top_logprobs or 0
             if top and not req.logprobs:
                 raise InvalidRequestError("top_logprobs", "needs logprobs: true")

@@ -4,7 +4,8 @@ Decoding rejects unknown fields and wrong types with InvalidRequestError naming 
 (``$.messages[0].role`` style paths become ``messages[0].role``). OpenAI fields braid accepts
 but has no use for (``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``,
 ``reasoning_effort``) are declared and never read; fields it cannot honour are refused by the
-route with a message naming them (``tools``, ``logit_bias``, ...).
+route with a message naming them (``tools``, ``logit_bias``, ...). SGLang's own extra fields
+(sglang_fields.py) are declared the same way, typed loosely: the route drops or refuses them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ from typing import Any
 import msgspec
 
 from braid.errors import InvalidRequestError
+from braid.server.sglang_fields import (
+    GENERATE_IGNORED,
+    GENERATE_REFUSED,
+    OPENAI_IGNORED,
+    OPENAI_REFUSED,
+)
+
+
+def _declared(name: str, base: type, *tables) -> type:
+    """``base`` plus every name of ``tables`` as an optional field of any type (msgspec allows one
+    base with fields, so the declared fields extend a chain instead of mixing in)."""
+    names = sorted({n for table in tables for n in table})
+    return msgspec.defstruct(name, [(n, Any, None) for n in names], bases=(base,), forbid_unknown_fields=True)
+
+
+_SglangGenerateFields = _declared("SglangGenerateFields", msgspec.Struct, GENERATE_IGNORED, GENERATE_REFUSED)
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -49,7 +66,10 @@ class Extras(msgspec.Struct, forbid_unknown_fields=True):
     any_whitespace: bool | None = None
 
 
-class _Common(Extras, forbid_unknown_fields=True):
+_SglangOpenAIFields = _declared("SglangOpenAIFields", Extras, OPENAI_IGNORED, OPENAI_REFUSED)
+
+
+class _Common(_SglangOpenAIFields, forbid_unknown_fields=True):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -86,6 +106,8 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     tool_call_id: str | None = None
     function_call: dict | None = None
     audio: dict | None = None
+    reasoning_content: str | None = None  # SGLang: a reasoning model's echoed thoughts (dropped)
+    tools: list[dict] | None = None  # SGLang: tools declared in a system message (refused when set)
 
 
 class ChatCompletionRequest(_Common, forbid_unknown_fields=True):
@@ -98,19 +120,20 @@ class ChatCompletionRequest(_Common, forbid_unknown_fields=True):
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: str | float | None = None
+    input_ids: list[int] | None = None  # SGLang: the prompt's token ids, instead of rendering messages
 
 
-class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """SGLang's ``/generate`` body."""
+class GenerateRequest(_SglangGenerateFields, forbid_unknown_fields=True):
+    """SGLang's ``/generate`` body (null means the default, as in SGLang)."""
 
     text: str | list[str] | None = None
     input_ids: list | None = None  # token ids or lists of them (checked by the engine)
     sampling_params: dict | list[dict] | None = None
-    stream: bool = False
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int | list[int] = -1
+    stream: bool | None = False
+    return_logprob: bool | list[bool] | None = False  # a list: one value for every prompt
+    top_logprobs_num: int | list[int] | None = 0  # a list: one value for every prompt
+    logprob_start_len: int | list[int] | None = -1
     rid: str | list[str] | None = None
 
 

@@ -310,3 +310,107 @@ def test_the_server_survives_a_storm_of_bad_and_good_requests(server):
         stop.set()
         t.join()
     assert not errors
+
+
+# ---- SGLang's fields, and what a router asks of a worker -------------------------------------------
+ROUTER_GENERATE_FIELDS = {  # what the SGLang router (smg 1.13) adds to every /generate body it forwards
+    "model": "unknown", "return_text_in_logprobs": False, "log_metrics": True, "background": False,
+    "no_logs": False, "return_bytes": False, "return_entropy": False}  # fmt: skip
+
+
+def test_generate_accepts_sglang_fields_and_ignores_them(server):
+    plain = {"text": "The quick", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    base = post(server, "/generate", plain).json()
+    body = {**plain, **ROUTER_GENERATE_FIELDS, "rid": "r1", "priority": 3, "routing_key": "k", "image_data": None,
+            "lora_path": None, "return_hidden_states": False, "return_logprob": [True], "top_logprobs_num": [1],
+            "sampling_params": {**plain["sampling_params"], "spaces_between_special_tokens": True,
+                                "no_stop_trim": False, "stop_regex": None, "stream_interval": 2, "custom_params": None,
+                                "sampling_seed": 1, "logit_bias": {}}}  # fmt: skip
+    r = post(server, "/generate", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == base["text"] and len(r.json()["meta_info"]["output_top_logprobs"]) == 4
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"text": "x", "image_data": "http://img"}, "image_data"),
+    ({"text": "x", "lora_path": "adapter"}, "lora_path"),
+    ({"text": "x", "return_hidden_states": True}, "return_hidden_states"),
+    ({"text": "x", "sampling_params": {"stop_regex": "a+"}}, "stop_regex"),
+    ({"text": "x", "sampling_params": {"no_stop_trim": True}}, "no_stop_trim"),
+    ({"text": ["x", "y"], "return_logprob": [True, False]}, "return_logprob"),
+    ({"text": "x", "model": "unknown", "nonsense": 1}, "nonsense"),
+])  # fmt: skip
+def test_sglang_fields_braid_cannot_honour_are_refused_by_name(server, body, param):
+    r = post(server, "/generate", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_accepts_sglang_extensions_and_refuses_what_it_cannot_do(server, client, model):
+    messages = [{"role": "user", "content": "Paris is"}]
+    base = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    extras = {"rid": "a", "separate_reasoning": True, "stream_reasoning": True, "chat_template_kwargs": None,
+              "return_hidden_states": False, "no_stop_trim": False, "custom_params": {"x": 1}, "priority": 1}
+    r = client.chat.completions.create(model=None, messages=messages, max_completion_tokens=4, temperature=0,
+                                       extra_body=extras)
+    assert r.choices[0].message.content == base.choices[0].message.content
+    ids = post(server, "/tokenize", {"text": "<|im_start|>user\nParis is<|im_end|>\n<|im_start|>assistant\n"}).json()
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                       extra_body={"input_ids": ids["tokens"][0]})  # rendered by the caller
+    assert r.choices[0].message.content == base.choices[0].message.content
+    for extra, param in (({"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+                         ({"continue_final_message": True}, "continue_final_message"),
+                         ({"stop_regex": "x"}, "stop_regex")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=4, extra_body=extra)
+        assert err.value.body["param"] == param
+
+
+def test_server_info_load_and_model_info_for_a_router(server):
+    for path in ("/server_info", "/get_server_info"):
+        r = httpx.get(f"{server.url}{path}", headers=server.headers)
+        info = r.json()
+        assert r.status_code == 200 and info["dp_size"] == 1 and info["max_total_num_tokens"] == 8192
+        assert API_KEY not in r.text and "api_key" not in info and info["api_key_required"] is True
+    assert httpx.get(f"{server.url}/server_info").status_code == 401
+    load = httpx.get(f"{server.url}/get_load", headers=server.headers).json()
+    assert load[0]["num_running_reqs"] == 0 and load[0]["max_total_num_tokens"] == 8192
+    loads = httpx.get(f"{server.url}/v1/loads", headers=server.headers).json()
+    assert loads["loads"][0]["token_usage"] == 0.0
+    info = httpx.get(f"{server.url}/get_model_info", headers=server.headers).json()
+    assert info["has_chat_template"] is True
+
+
+def test_flush_cache_empties_the_cache_and_refuses_while_requests_run(server):
+    post(server, "/generate", {"text": "The quick brown fox", "sampling_params": {"max_new_tokens": 2}})
+    assert server.stats()["braid_kv_cached_slots"] > 0
+    r = post(server, "/flush_cache", b"")
+    assert r.status_code == 200 and r.json()["flushed"] is True, r.text
+    assert server.stats()["braid_kv_cached_slots"] == 0
+    body = {"text": "The quick", "stream": True, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    with httpx.stream("POST", f"{server.url}/generate", headers=server.headers, json=body, timeout=60) as stream:
+        lines = stream.iter_lines()  # held: a dropped iterator would close the connection (an abort)
+        next(line for line in lines if line.startswith("data: {"))  # it runs now
+        r = post(server, "/flush_cache", b"")
+        load = httpx.get(f"{server.url}/get_load", headers=server.headers).json()[0]
+    assert load["num_running_reqs"] == 1, load  # still running when flushed: the refusal is this test's point
+    assert r.status_code == 409 and "running" in r.json()["error"]["message"], r.text
+
+
+# ---- braid serve --dp, without starting anything (test_router.py runs it) ---------------------------
+def test_dp_names_the_package_when_the_router_is_missing(monkeypatch, capsys):
+    from braid import cli
+    from braid.server import dp
+
+    monkeypatch.setattr(dp, "router_command", lambda: None)
+    assert cli.main(["serve", "--dp", "2"]) == 2
+    assert "pip install 'braid[router]'" in capsys.readouterr().err
+
+
+def test_dp_replicas_get_the_engine_flags_and_the_key():
+    from braid.config import EngineConfig, ServerConfig
+    from braid.server.dp import replica_args
+
+    args = replica_args(EngineConfig(model_path="/m", disable_radix_cache=True, cpu_threads=1),
+                        ServerConfig(host="0.0.0.0", port=8000, api_key="k"))
+    assert args[:4] == ["--host", "127.0.0.1", "--port", "0"]  # replicas stay on loopback, any port
+    assert " ".join(args[4:]) == "--model-path /m --disable-radix-cache --cpu-threads 1 --api-key k"

@@ -215,6 +215,25 @@ def test_triton_backend_matches_torch_backend(monkeypatch, mode, prefix_lens, ne
     assert calls.counts[kernel] == 1 and calls.counts["store_kv_triton"] == 1, calls.counts
 
 
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_sized_for_the_context_matches_decode_sized_for_the_batch(monkeypatch, window):
+    """A CUDA graph sizes decode attention for the context length (``decode_max_keys``), so most
+    splits of a short sequence are empty: the output must equal the launch sized for the batch."""
+    monkeypatch.setattr(ka, "num_sms", lambda device: 132)  # a GPU's worth of programs: many splits
+    args = (ForwardMode.DECODE, [40, 0, 18], [1, 1, 1], 2, 4, 32, torch.float32, seed_of("graph", window))
+    outs, splits = [], []
+    for max_keys in (None, 4096):
+        case = make_case(*args)
+        case.batch.decode_max_keys = max_keys
+        backend = create_attention_backend("triton", extend_block=BLOCK, decode_block=BLOCK)
+        outs.append(backend.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, window))
+        splits.append(case.batch.attn_memo[("triton-splits", window)])
+    assert splits[0] < splits[1] if window is None else splits[0] == splits[1] == 1, splits  # a window caps keys
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+
+
 def test_extend_plan_covers_every_token_once_longest_first():
     prefix, ext = [0, 40, 3, 9], [35, 2, 0, 16]
     plan = ka.plan_extend(prefix, ext, torch.device("cpu"), block_m=16)

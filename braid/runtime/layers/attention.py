@@ -128,7 +128,8 @@ class TritonAttention(AttentionBackend):
     """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
     the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
     decode kernel. Tiles and split counts are computed once per forward (``batch.attn_memo``)
-    from the host-side lengths, so no layer syncs the device. Runs on CUDA, and on the CPU under
+    from the host-side lengths (under a CUDA graph, from ``batch.decode_max_keys``), so no layer
+    syncs the device. Runs on CUDA, and on the CPU under
     ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
     ``extend_block`` / ``decode_block`` are the kernels' key-block sizes (small ones for tests)."""
 
@@ -147,7 +148,8 @@ class TritonAttention(AttentionBackend):
         if batch.mode is ForwardMode.DECODE:
             key = ("triton-splits", sliding_window)
             if key not in batch.attn_memo:
-                keys = max(min(n, sliding_window or n) for n in batch.seq_lens_cpu)
+                longest = batch.decode_max_keys or max(batch.seq_lens_cpu)
+                keys = min(longest, sliding_window or longest)
                 sms = attention_kernels.num_sms(q.device)
                 batch.attn_memo[key] = attention_kernels.decode_splits(batch.batch_size, k.shape[1], keys, sms)
             return attention_kernels.decode_attention_triton(

@@ -4,6 +4,10 @@ The families differ only in flags of :class:`DecoderConfig` (biases, q/k norm, h
 sliding window, RoPE scaling). Module names mirror HF's (``model.layers.N.self_attn...``) so
 checkpoint names map one to one, except the fused ``qkv_proj`` and ``gate_up_proj``, which
 ``load_weights`` fills from the separate HF projections.
+
+Under tensor parallelism (``tp``, see docs/scale-out.md) a rank holds its share of the heads,
+of the MLP width and of the vocabulary; the layers of ``layers/linear.py`` do the slicing and
+the communication, so the blocks below read the same at any ``tp.size``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from braid.errors import ModelLoadError
+from braid.errors import InvalidRequestError, ModelLoadError
+from braid.runtime.distributed import SINGLE, TPGroup
 from braid.runtime.forward_batch import ForwardBatch
 from braid.runtime.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from braid.runtime.layers.attention import AttentionBackend
+from braid.runtime.layers.linear import (
+    SHARDED_LAYERS,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+    head_shard,
+)
 from braid.runtime.layers.norm import RMSNorm
 from braid.runtime.layers.rotary import RopeRows, RotaryEmbedding
 from braid.runtime.memory import KVPool
@@ -35,16 +49,20 @@ class _Step(NamedTuple):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+    """This rank's query heads and the KV heads they read (all of them on one rank)."""
+
+    def __init__(self, cfg: DecoderConfig, layer_id: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        q_shard = head_shard(cfg.num_heads, cfg.head_dim, tp)
+        kv_shard = head_shard(cfg.num_kv_heads, cfg.head_dim, tp)
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = q_shard.size, kv_shard.size
+        self.num_heads, self.num_kv_heads = self.q_size // cfg.head_dim, self.kv_size // cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_windows[layer_id]
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q_shard, kv_shard, kv_shard], bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(q_shard, cfg.hidden_size, bias=cfg.o_bias, tp=tp)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
@@ -64,24 +82,25 @@ class SelfAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = Shard(cfg.intermediate_size, tp.size, tp.rank)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [width, width], bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp)
 
     def forward(self, h: torch.Tensor, fused: bool) -> torch.Tensor:
-        gate_up = self.gate_up_proj(h)  # (T, 2I): [gate, up]
+        gate_up = self.gate_up_proj(h)  # (T, 2I / tp): [gate, up] of this rank's columns
         act = silu_and_mul_triton(gate_up) if fused else silu_and_mul_reference(gate_up)
         return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer_id: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.self_attn = SelfAttention(cfg, layer_id)
+        self.self_attn = SelfAttention(cfg, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = GatedMLP(cfg, tp)
 
     def forward(self, h: torch.Tensor, step: _Step) -> torch.Tensor:
         attn_out = self.self_attn(self.input_layernorm(h, step.fused), step)
@@ -90,10 +109,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
 
@@ -108,11 +127,12 @@ class CausalLM(nn.Module):
     ``(len(batch.logits_rows), vocab)``; as a side effect each layer's K/V of the new tokens
     are written into ``kv`` at ``batch.out_slots`` (by the attention backend)."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = cfg
-        self.model = DecoderStack(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        check_tp_fits(cfg, tp.size)
+        self.config, self.tp = cfg, tp
+        self.model = DecoderStack(cfg, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_positions)
         self.tie_weights()
 
@@ -151,12 +171,7 @@ class CausalLM(nn.Module):
             if hf_name not in expected:
                 unexpected.append(hf_name)
                 continue
-            target = self._target(params, hf_name)
-            if target.shape != tensor.shape:
-                raise ModelLoadError(
-                    f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
+            self._load(params, hf_name, tensor)
             seen.add(hf_name)
         missing = sorted(expected - seen)
         if missing or unexpected:
@@ -171,22 +186,37 @@ class CausalLM(nn.Module):
                 return [name.replace(fused, part) for part in parts]
         return [name]
 
-    def _target(self, params: dict[str, nn.Parameter], hf_name: str) -> torch.Tensor:
-        """The parameter, or the rows of a fused parameter, that ``hf_name`` fills."""
+    def _load(self, params: dict[str, nn.Parameter], hf_name: str, tensor: torch.Tensor) -> None:
+        """Copy checkpoint tensor ``hf_name`` (whole) into its parameter: the parallel layers
+        take this rank's slice (of part ``i`` of a fused parameter); others take it all."""
+        name, part = hf_name, 0
         for fused, parts in _FUSED.items():
-            for i, part in enumerate(parts):
-                if f".{part}." in hf_name:
-                    param = params[hf_name.replace(part, fused)]
-                    sizes = self._fused_sizes(fused)
-                    return param.narrow(0, sum(sizes[:i]), sizes[i])
-        return params[hf_name]
+            for i, hf_part in enumerate(parts):
+                if f".{hf_part}." in hf_name:
+                    name, part = hf_name.replace(hf_part, fused), i
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if isinstance(module, SHARDED_LAYERS):
+            module.load(attr, part, tensor, hf_name)
+            return
+        target = params[name]
+        if target.shape != tensor.shape:
+            raise ModelLoadError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
 
-    def _fused_sizes(self, fused: str) -> list[int]:
-        cfg = self.config
-        if fused == "qkv_proj":
-            kv = cfg.num_kv_heads * cfg.head_dim
-            return [cfg.num_heads * cfg.head_dim, kv, kv]
-        return [cfg.intermediate_size, cfg.intermediate_size]
+
+def check_tp_fits(cfg: DecoderConfig, tp_size: int) -> None:
+    """Raise InvalidRequestError (field ``tp_size``) when the model cannot be split ``tp_size`` ways:
+    heads and MLP width must divide evenly; KV heads must divide, or be divided by, ``tp_size``."""
+    problems = []
+    if cfg.num_heads % tp_size:
+        problems.append(f"the model's {cfg.num_heads} attention heads")
+    if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
+        problems.append(f"its {cfg.num_kv_heads} KV heads (a multiple of them is fine too)")
+    if cfg.intermediate_size % tp_size:
+        problems.append(f"its MLP width {cfg.intermediate_size}")
+    if problems:
+        raise InvalidRequestError("tp_size", f"got {tp_size}, which does not divide {', '.join(problems)}")
 
 
 def _short(names: list[str], limit: int = 8) -> str:

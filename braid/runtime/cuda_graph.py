@@ -1,0 +1,147 @@
+"""CUDA graphs for decode: one captured forward per batch-size bucket, replayed with new inputs.
+
+A decode step of a large model is hundreds of small kernel launches; at small batch sizes the
+CPU cannot launch them as fast as the GPU runs them. Capturing the whole decode forward once
+per batch size and replaying it costs one launch per step.
+
+What makes a decode forward capturable (and what this module relies on):
+
+- Inputs live in static buffers (:class:`DecodeInputs`): token ids, positions, request rows and
+  sequence lengths are copied in before each replay, one host-to-device copy for all four. The
+  new tokens' KV slots are gathered inside the graph from the request table.
+- A batch of ``b`` requests replays the graph of the smallest captured size ``>= b``; the
+  padding rows point at the table's padding row (all zeros: position 0 is KV slot 0, the pool's
+  padding slot), so they write their K/V to slot 0 and read only it. Their logits are dropped.
+- The decode attention kernel sizes its launch for the longest sequence the graph may ever
+  see (``ForwardBatch.decode_max_keys`` = the context length); each split finds its key range
+  from the sequence length on the device, so the same launch is right for every replay.
+- Only the triton attention backend qualifies: the torch reference pads to host-known lengths.
+
+Graphs share one memory pool and are captured largest first, so the smaller ones reuse its
+blocks. The logits of a replay are a view of the graph's output: valid until the next replay.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from braid.runtime.forward_batch import ForwardBatch, ForwardMode
+
+log = logging.getLogger("braid.cuda_graph")
+
+# Batch sizes captured by default, cut at the configured maximum. Dense where most decode
+# batches are, spaced by 16 above 64 (padding at most 16 rows there).
+DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, *range(80, 513, 16))
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """The captured batch sizes: the defaults up to ``max_batch``, and ``max_batch`` itself."""
+    sizes = [s for s in DEFAULT_SIZES if s < max_batch]
+    return [*sizes, max_batch]
+
+
+class DecodeInputs:
+    """Static device buffers a captured decode reads, and a pinned host staging block."""
+
+    COLUMNS = 4  # token ids, positions, request rows, sequence lengths
+
+    def __init__(self, max_batch: int, device: torch.device) -> None:
+        self.block = torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, device=device)
+        self.staging = torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, pin_memory=True)
+        self.logits_rows = torch.arange(max_batch, dtype=torch.int64, device=device)
+
+    def load(self, columns: list[list[int]], padded: int, padding_row: int, input_ids: torch.Tensor | None) -> None:
+        """Copy one decode batch's host columns into the buffers, padded to ``padded`` rows;
+        ``input_ids`` (on the device) replaces the token-id column when given."""
+        bsz = len(columns[0])
+        stage = self.staging[:, :padded]
+        stage[:, :bsz] = torch.tensor(columns, dtype=torch.int64)
+        if padded > bsz:  # padding rows: token 0 at position 0 of the padding row, 1 key
+            stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1]], dtype=torch.int64)
+        # the copy is ordered before the replay on the same stream; the staging block is not
+        # rewritten before the next step, which waits for this one's logits
+        self.block[:, :padded].copy_(stage, non_blocking=True)
+        if input_ids is not None:
+            self.block[0, :bsz].copy_(input_ids)
+
+
+class DecodeGraphs:
+    """Captured decode forwards for the sizes of :func:`capture_sizes`.
+
+    ``forward(batch)`` is the model's eager forward; it must only launch device work (no host
+    sync) for a DECODE batch. ``table`` is the request table every replay reads; ``max_keys``
+    is the longest sequence a request may reach (the context length)."""
+
+    def __init__(
+        self,
+        forward: Callable[[ForwardBatch], torch.Tensor],
+        table: torch.Tensor,
+        padding_row: int,
+        max_keys: int,
+        max_batch: int,
+        device: torch.device,
+    ) -> None:
+        self.forward = forward
+        self.table = table
+        self.padding_row = padding_row
+        self.max_keys = max_keys
+        self.sizes = capture_sizes(max_batch)
+        self.inputs = DecodeInputs(self.sizes[-1], device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self._capture_all(device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def fits(self, batch_size: int) -> bool:
+        return 1 <= batch_size <= self.max_batch
+
+    def padded_size(self, batch_size: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, batch_size)]
+
+    def static_batch(self, size: int) -> ForwardBatch:
+        """The ForwardBatch a graph of ``size`` rows is captured with: views of the buffers."""
+        ids, positions, rows, seq_lens = (self.inputs.block[c, :size] for c in range(DecodeInputs.COLUMNS))
+        return ForwardBatch(
+            mode=ForwardMode.DECODE, input_ids=ids, positions=positions, out_slots=self.table[rows, positions],
+            req_rows=rows, seq_lens=seq_lens, prefix_lens_cpu=[0] * size, extend_lens_cpu=[1] * size,
+            seq_lens_cpu=[1] * size, logits_rows=self.inputs.logits_rows[:size], req_to_token=self.table,
+            decode_max_keys=self.max_keys,
+        )  # fmt: skip
+
+    def _capture_all(self, device: torch.device) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        # padding rows only while capturing: every row reads the padding row's one key
+        self.inputs.load([[] for _ in range(DecodeInputs.COLUMNS)], self.max_batch, self.padding_row, None)
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the kernels and let allocators settle outside capture
+                    self.forward(self.static_batch(size))
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[size] = self.forward(self.static_batch(size))
+            self.graphs[size] = graph
+        torch.cuda.synchronize(device)
+        self.capture_seconds = time.perf_counter() - start
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, self.capture_seconds)
+
+    def replay(self, columns: list[list[int]], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, vocab)`` for one decode batch given as host columns (token ids,
+        positions, request rows, sequence lengths after this step), B <= max_batch; the token
+        ids come from ``input_ids`` on the device instead when given."""
+        bsz = len(columns[0])
+        size = self.padded_size(bsz)
+        self.inputs.load(columns, size, self.padding_row, input_ids)
+        self.graphs[size].replay()
+        return self.outputs[size][:bsz]

@@ -1,0 +1,62 @@
+"""What CUDA-graph decode relies on that the CPU can check: the captured sizes, the padding row,
+and the decode inputs as host columns. Replays themselves are compared with the eager forward in
+tests/gpu/test_cuda_graph.py."""
+
+from __future__ import annotations
+
+import bisect
+
+import pytest
+import torch
+
+from braid.config import EngineConfig
+from braid.errors import InvalidRequestError
+from braid.runtime.batch import build_decode_batch
+from braid.runtime.cuda_graph import capture_sizes
+from braid.runtime.forward_batch import ForwardMode
+from braid.runtime.memory import ReqToTokenPool
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 64, 100, 256])
+def test_capture_sizes_cover_every_batch_with_bounded_padding(max_batch):
+    sizes = capture_sizes(max_batch)
+    assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_batch
+    for bsz in range(1, max_batch + 1):
+        padded = sizes[bisect.bisect_left(sizes, bsz)]
+        assert bsz <= padded <= max(bsz + 16, 2 * bsz)
+
+
+def test_padding_row_is_never_handed_out_and_maps_to_the_padding_slot():
+    pool = ReqToTokenPool(4, 32, "cpu")
+    rows = [pool.allocate() for _ in range(4)]
+    assert pool.padding_row not in rows and pool.table.shape == (5, 32)
+    for row in rows:
+        pool.write(row, 0, torch.arange(1, 33))
+    assert pool.table[pool.padding_row].eq(0).all()
+
+
+def test_decode_batch_from_columns():
+    table = torch.arange(3 * 10, dtype=torch.int64).view(3, 10)
+    batch = build_decode_batch([[7, 8], [4, 0], [2, 1], [5, 1]], table, torch.device("cpu"))
+    assert batch.mode is ForwardMode.DECODE and batch.batch_size == 2
+    assert batch.out_slots.tolist() == [24, 10]  # table[row, position]
+    assert batch.seq_lens_cpu == [5, 1] and batch.prefix_lens_cpu == [4, 0] and batch.extend_lens_cpu == [1, 1]
+    assert batch.logits_rows.tolist() == [0, 1] and batch.decode_max_keys is None
+
+
+def test_config_flags():
+    assert EngineConfig().disable_cuda_graph is False
+    with pytest.raises(InvalidRequestError, match="cuda_graph_max_bs"):
+        EngineConfig(cuda_graph_max_bs=0)
+
+
+def test_no_graphs_on_cpu(tmp_path):
+    from tests.engine_helpers import make_engine_model
+
+    import braid as bd
+
+    folder = make_engine_model("llama", tmp_path)
+    with bd.Engine(model_path=folder, max_total_tokens=512, cpu_threads=1) as eng:
+        assert eng.runner.graphs is None
+        out = eng.generate(input_ids=[[5, 6, 7], [9, 10]], sampling_params={"max_new_tokens": 3, "ignore_eos": True})
+        assert [len(o["output_ids"]) for o in out] == [3, 3]

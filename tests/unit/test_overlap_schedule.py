@@ -1,0 +1,114 @@
+"""The overlap scheduler (a decode step launched before the host takes the previous step's
+tokens) against the plain one: the same tokens and texts for greedy, seeded sampled, penalized,
+stop-string, length-limited, constrained (with jump-forward) and logprob requests mixed in one
+batch, requests arriving mid-decode and aborted mid-decode, and the KV invariant after. On CUDA
+overlap is the default; here it is switched on by hand (the CPU's device work is synchronous, so
+the steps run in the same order, one token behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.conftest import assert_at_rest
+from tests.engine_helpers import make_engine_model, random_prompts
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "maximum": 999}}, "required": ["name", "age"]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_engine_model("llama", tmp_path_factory.mktemp("overlap"))
+
+
+def mixed_params() -> list[dict]:
+    greedy = {"temperature": 0, "ignore_eos": True}
+    return [
+        {**greedy, "max_new_tokens": 9},
+        {**greedy, "max_new_tokens": 23},
+        {"temperature": 1.0, "top_p": 0.9, "seed": 3, "max_new_tokens": 17, "ignore_eos": True},
+        {"temperature": 0.8, "seed": 4, "frequency_penalty": 0.5, "max_new_tokens": 15, "ignore_eos": True},
+        {**greedy, "max_new_tokens": 30, "stop": ["e", "a"]},
+        {"temperature": 1.0, "seed": 5, "max_new_tokens": 60, "json_schema": json.dumps(SCHEMA)},
+        {**greedy, "max_new_tokens": 6, "min_new_tokens": 4},
+        {"temperature": 1.0, "seed": 6, "max_new_tokens": 12},  # may stop at EOS
+    ]
+
+
+def count_overlapped_steps(eng) -> list[int]:
+    calls: list[int] = []
+    original = eng.scheduler._run_decode_overlapped
+    eng.scheduler._run_decode_overlapped = lambda: (calls.append(1), original())[1]
+    return calls
+
+
+def run(eng, overlap: bool, prompts, params, **kwargs):
+    eng.scheduler.overlap = overlap
+    return eng.generate(input_ids=prompts, sampling_params=params, **kwargs)
+
+
+def strip(outs):
+    return [(o["text"], o["output_ids"], o["meta_info"]["finish_reason"]) for o in outs]
+
+
+def test_same_outputs_with_and_without_overlap(folder, make_engine):
+    eng = make_engine(folder)
+    prompts = random_prompts(8, 3, 40, 500, seed=8)
+    params = mixed_params()
+    plain = run(eng, False, prompts, params)
+    eng.flush_cache()
+    steps = count_overlapped_steps(eng)
+    overlapped = run(eng, True, prompts, params)
+    assert len(steps) > 20
+    assert strip(overlapped) == strip(plain)
+    constrained = overlapped[5]["meta_info"]
+    assert constrained["valid"] is True or constrained["finish_reason"]["type"] == "length", constrained
+    assert constrained["jump_forward_tokens"] > 0  # forced keys were appended in one step
+    assert_at_rest(eng)
+
+
+def test_logprob_requests_share_a_batch_with_overlap(folder, make_engine):
+    eng = make_engine(folder)
+    prompts = random_prompts(4, 5, 20, 500, seed=9)
+    params = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+    wants = [True, False, True, False]  # logprob rows take the regular path, the others may overlap
+    outs = {}
+    for overlap in (False, True):
+        eng.flush_cache()
+        eng.scheduler.overlap = overlap
+
+        async def together():  # one batch: the requests arrive together
+            return await asyncio.gather(*[
+                eng.async_generate(input_ids=p, sampling_params=params, return_logprob=w, top_logprobs_num=2 * w)
+                for p, w in zip(prompts, wants)])
+
+        outs[overlap] = asyncio.run(together())
+    assert strip(outs[True]) == strip(outs[False])
+    for a, b, w in zip(outs[True], outs[False], wants):
+        if w:
+            got, want = a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]
+            assert [t for _, t, _ in got] == [t for _, t, _ in want]
+            assert max(abs(x[0] - y[0]) for x, y in zip(got, want)) < 1e-5
+    assert_at_rest(eng)
+
+
+def test_arrivals_and_aborts_during_overlapped_decode(folder, make_engine):
+    eng = make_engine(folder)
+    eng.scheduler.overlap = True
+    prompts = random_prompts(6, 4, 30, 500, seed=10)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 40}
+    reference = [eng.generate(input_ids=p, sampling_params=greedy)["output_ids"] for p in prompts]
+    eng.flush_cache()
+    steps = count_overlapped_steps(eng)
+    streams = [eng.generate(input_ids=p, sampling_params=greedy, stream=True) for p in prompts[:3]]
+    first = [next(s) for s in streams]  # the three decode together, overlapped
+    late = eng.generate(input_ids=prompts[3:], sampling_params=greedy)  # arrive mid-decode
+    got = [f["output_ids"] + [t for chunk in s for t in chunk["output_ids"]] for f, s in zip(first[:2], streams[:2])]
+    streams[2].close()  # aborts a request whose token may be in flight
+    assert got == reference[:2]
+    assert [o["output_ids"] for o in late] == reference[3:]
+    assert len(steps) > 20
+    assert_at_rest(eng)
