@@ -52,20 +52,28 @@ class DecodeInputs:
 
     def __init__(self, max_batch: int, device: torch.device) -> None:
         self.block = torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, device=device)
-        self.staging = torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, pin_memory=True)
+        # Two staging blocks, used in turn: with the overlap scheduler the next step is loaded
+        # before this step's copy is known to have run, so a block is rewritten only after the
+        # copy that read it (its event) is done.
+        self.staging = [torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
         self.logits_rows = torch.arange(max_batch, dtype=torch.int64, device=device)
 
     def load(self, columns: list[list[int]], padded: int, padding_row: int, input_ids: torch.Tensor | None) -> None:
         """Copy one decode batch's host columns into the buffers, padded to ``padded`` rows;
         ``input_ids`` (on the device) replaces the token-id column when given."""
         bsz = len(columns[0])
-        stage = self.staging[:, :padded]
+        self.turn ^= 1
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        stage = self.staging[self.turn][:, :padded]
         stage[:, :bsz] = torch.tensor(columns, dtype=torch.int64)
         if padded > bsz:  # padding rows: token 0 at position 0 of the padding row, 1 key
             stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1]], dtype=torch.int64)
-        # the copy is ordered before the replay on the same stream; the staging block is not
-        # rewritten before the next step, which waits for this one's logits
-        self.block[:, :padded].copy_(stage, non_blocking=True)
+        self.block[:, :padded].copy_(stage, non_blocking=True)  # ordered before the replay (same stream)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
         if input_ids is not None:
             self.block[0, :bsz].copy_(input_ids)
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_replay_matches_eager_on_random_state(arch, tmp_path):
-    folder = make_engine_model(arch, tmp_path)
+    folder = make_engine_model(arch, tmp_path, max_position_embeddings=4096)  # sequences of 1,500 keys
     with bd.Engine(model_path=folder, device="cuda", dtype="float32", max_running_requests=24,
                    max_total_tokens=8192, context_len=2048) as eng:
         runner, table = eng.runner, eng.scheduler.kv.req_pool.table
