@@ -18,6 +18,7 @@ import random
 import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,16 +67,21 @@ def walk(constraints: Constraints, params: SamplingParams, rng: random.Random, m
     return None, times
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="xgrammar,outlines",
-                    help="comma-separated; a fallback order is written with +: llguidance+xgrammar")
+                    help="comma-separated; a fallback order is written with +: llguidance+xgrammar; "
+                         "auto: the engine's default order")
     ap.add_argument("--walks", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--model", default=None, help="HF folder whose tokenizer to use; default: the embedded model")
     ap.add_argument("--schemas-dir", default=None, help="measure these *.json schemas instead of the corpus")
     ap.add_argument("--timeout", type=float, default=60.0, help="compile time budget per spec, seconds")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     from braid.runtime.model_source import resolve_model_path
     from braid.runtime.tokenizer import Tokenizer
 
@@ -94,6 +100,7 @@ def main() -> None:
             constraints = Constraints(backend.replace("+", ","), tok, vocab, compile_timeout_s=a.timeout)
             constraints.ban_words(SamplingParams())  # tables built before timing starts
             compile_ms, mask_s, n, ok, finished, valid = [], [], 0, 0, 0, 0
+            by_backend: Counter[str] = Counter()  # which backend of a fallback order compiled each spec
             for k, name, spec in corpus:
                 if k != kind:
                     continue
@@ -101,12 +108,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     params = SamplingParams(**{kind: spec})
-                    constraints.cache.compiled(GrammarSpec(kind, params.constraint.spec))
+                    compiled = constraints.cache.compiled(GrammarSpec(kind, params.constraint.spec))
                 except (GrammarError, InvalidRequestError) as e:
                     failures.append(f"{name}: not compiled: {e.problem[:150]}")
                     continue
                 compile_ms.append((time.perf_counter() - t0) * 1e3)
                 ok += 1
+                by = getattr(getattr(compiled, "backend", None), "name", backend)
+                by_backend[by] += 1
                 rng = random.Random(name)
                 for _ in range(a.walks):
                     ids, times = walk(constraints, params, rng, a.max_tokens, single, stops)
@@ -119,7 +128,7 @@ def main() -> None:
                                    else (re.fullmatch(spec, text) is not None, "no full match"))
                     valid += good
                     if not good:
-                        failures.append(f"{name}: invalid walk ({error[:100]}) {text[:80]!r}")
+                        failures.append(f"{name}: invalid walk on {by} ({error[:100]}) {text[:80]!r}")
             if n == 0:
                 continue
             cq = statistics.quantiles(compile_ms, n=100) if len(compile_ms) > 1 else (compile_ms or [0.0]) * 99
@@ -127,6 +136,8 @@ def main() -> None:
             print(f"{backend:>9} {kind:>11} {ok:>4}/{n:<4} {cq[49]:>9.1f} / {cq[98]:<7.1f} "
                   f"{mq[49] * 1e6:>7.0f} / {mq[98] * 1e6:<6.0f} {finished:>4}/{ok * a.walks:<4} "
                   f"{valid / max(finished, 1):>7.1%}")
+            if len(by_backend) > 1 or backend not in by_backend:
+                print(f"{'':>21} compiled by " + ", ".join(f"{b} {c}" for b, c in by_backend.most_common()))
         for f in failures:
             print(f"  {backend}: {f}")
 

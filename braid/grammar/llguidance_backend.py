@@ -83,7 +83,7 @@ class LLGuidanceBackend:
             grammar = llg.LLMatcher.grammar_from_regex(normalize_regex(spec.spec))
         elif spec.kind == "json_schema":
             try:
-                schema = _without_unique_items(json.loads(prepare_schema(spec.spec)))
+                schema = _without_unique_items(json.loads(prepare_schema(spec.spec, for_llguidance=True)))
             except json.JSONDecodeError as e:
                 raise GrammarError(spec.kind, f"not valid JSON: {e}") from e
             ws = {"whitespace_flexible": True} if spec.any_whitespace else {

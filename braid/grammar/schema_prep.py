@@ -23,8 +23,17 @@ failure measured on the corpus (benchmarks/grammar_corpus.py, docs/benchmarks.md
   type be any value (taskfile, Angular workspace, AsyncAPI).
 - ``allOf`` of object schemas (directly or through local ``$ref``) is merged into one object
   schema, and a lone allOf part beside annotations replaces it: xgrammar ignored allOf and let
-  any JSON value through. if/then/else parts of an allOf are dropped (looser: no backend can
-  enforce them; the validation reports their verdict).
+  any JSON value through. For xgrammar and outlines, if/then/else parts of an allOf are dropped
+  (looser: neither enforces them; the validation reports their verdict).
+- maps of names to schemas (``properties``, ``$defs``, ...) are walked as maps: a property
+  named ``if``, ``not`` or ``pattern`` is no keyword (the metaschemas name properties so).
+
+For llguidance (``for_llguidance``), which refuses keywords it does not implement, so that
+such schemas no longer fall to xgrammar, which ignored them: if/then/else, dependencies,
+dependentRequired, dependentSchemas, ``not`` and ``propertyNames`` become positive
+anyOf/allOf/patternProperties (schema_logic.py; exact, or stricter where a condition's
+negation is not expressible), and a format it does not know is dropped where braid's validation
+does not check it (an annotation: exact) or becomes a pattern of a plain subset of it (stricter).
 
 A ``$ref`` outside the schema (braid fetches nothing) and ``$dynamicRef``/``$recursiveRef`` are
 refused with an error naming them: xgrammar compiled such schemas as if the reference allowed
@@ -38,6 +47,7 @@ from typing import Any
 
 from braid.grammar.base import GrammarError
 from braid.grammar.regex_check import normalize_regex, optional_groups_as_alternation
+from braid.grammar.schema_logic import CHECKED_FORMATS, resolve_local_ref, rewrite_logic
 
 _DATE = (r"[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
          r"|(?:0[13578]|1[02])-31)")
@@ -49,16 +59,33 @@ FORMAT_PATTERNS = {
     "date-time": f"{_DATE}[Tt]{_TIME}",
     "ipv4": rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}",
 }
+LLGUIDANCE_FORMATS = {"date", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "time", "uri", "uuid"}
+_HOST = r"[a-z0-9]{1,20}(?:\.[a-z0-9]{1,20}){0,3}"
+_SEGMENTS = r"(?:/[A-Za-z0-9._~-]{1,30}){0,6}"
+STRICTER_FORMAT_PATTERNS = {  # a plain subset of each format, for llguidance (which refuses these)
+    "uri-reference": rf"https://{_HOST}{_SEGMENTS}|[A-Za-z0-9_~-][A-Za-z0-9._~-]{{0,29}}{_SEGMENTS}",
+    "iri": rf"https://{_HOST}{_SEGMENTS}",
+    "iri-reference": rf"https://{_HOST}{_SEGMENTS}|[A-Za-z0-9_~-][A-Za-z0-9._~-]{{0,29}}{_SEGMENTS}",
+    "idn-email": rf"[A-Za-z0-9_+-]{{1,30}}@{_HOST}",
+    "idn-hostname": _HOST,
+    "json-pointer": r"(?:/(?:[A-Za-z0-9._ -]|~[01]){0,30}){0,6}",
+    "regex": r"[A-Za-z0-9_ -]{0,40}",
+}
+SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 SCHEMA_VALUE_KEYS = ("enum", "const", "default", "examples")  # values, not schemas
 _MERGEABLE = {"type", "properties", "required", "title", "description"}
 
 
-def prepare_schema(schema_text: str) -> str:
-    """The schema as backends should compile it; raises GrammarError for a bad ``pattern``."""
+def prepare_schema(schema_text: str, *, for_llguidance: bool = False) -> str:
+    """The schema as backends should compile it; raises GrammarError for a bad ``pattern``.
+    ``for_llguidance``: if/then/else, dependencies and ``not`` become positive anyOf/allOf
+    parts (schema_logic.py), which llguidance enforces, and formats it does not know are
+    dropped or made patterns; else (xgrammar: it reads allOf wrongly, and ignores the rest)
+    if/then/else parts of an allOf are dropped."""
     root = json.loads(schema_text)
     if isinstance(root, dict):
         root = _hoist_deep_refs(root)
-    out = _walk(root, root)
+    out = _walk(root, root, for_llguidance)
     if isinstance(out, dict) and "$schema" in out:  # the rewrites speak 2020-12 (prefixItems, $defs, ...)
         out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return json.dumps(out, ensure_ascii=False)
@@ -80,7 +107,7 @@ def _hoist_deep_refs(root: dict) -> dict:
         ref = out.get("$ref")
         if isinstance(ref, str) and ref.startswith("#/") and not _is_plain_def(ref):
             if ref not in hoisted:
-                target = _pointer(root, ref)
+                target = resolve_local_ref(ref, root)
                 if target is None:
                     raise GrammarError("json_schema", f"$ref {ref!r} points at nothing in the schema")
                 hoisted[ref] = name = f"braid_ref_{len(hoisted)}"
@@ -99,22 +126,9 @@ def _is_plain_def(ref: str) -> bool:
     return len(parts) == 2 and parts[0] in ("$defs", "definitions")
 
 
-def _pointer(root: Any, ref: str) -> Any:
-    node = root
-    for raw in ref[2:].split("/"):
-        key = raw.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            return None
-    return node
-
-
-def _walk(node: Any, root: Any) -> Any:
+def _walk(node: Any, root: Any, llg: bool) -> Any:
     if isinstance(node, list):
-        return [_walk(x, root) for x in node]
+        return [_walk(x, root, llg) for x in node]
     if not isinstance(node, dict):
         return node
     ref = node.get("$ref")
@@ -124,12 +138,15 @@ def _walk(node: Any, root: Any) -> Any:
     for key in ("$dynamicRef", "$recursiveRef"):
         if key in node:
             raise GrammarError("json_schema", f"{key} is not supported by any grammar backend: use $ref")
+    if llg:
+        node = rewrite_logic(node, root)
     if isinstance(node.get("allOf"), list):
-        node = _merge_all_of(node, root)
+        node = _merge_all_of(node, root, keep_conditionals=llg)
     for key in ("anyOf", "oneOf"):
         if isinstance(node.get(key), list) and not ({"anyOf", "oneOf"} - {key}) & set(node):
             node = _distribute(node, root, key)
-    out = {k: v if k in SCHEMA_VALUE_KEYS else _walk(v, root) for k, v in node.items()}
+    out = {k: v if k in SCHEMA_VALUE_KEYS else _walk_map(v, root, llg) if k in SCHEMA_MAP_KEYS else _walk(v, root, llg)
+           for k, v in node.items()}
     if isinstance(out.get("items"), list):  # drafts 4-7 tuples, in the 2020-12 spelling
         out["prefixItems"] = out.pop("items")
         out["items"] = out.pop("additionalItems", {})  # absent: more items allowed (xgrammar: refused)
@@ -148,7 +165,28 @@ def _walk(node: Any, root: Any) -> Any:
         if pattern is not None:
             del out["format"]
             out["pattern"] = f"^(?:{pattern})$"
+    if llg and isinstance(out.get("format"), str) and out["format"] not in LLGUIDANCE_FORMATS:
+        _llguidance_format(out)
     return out
+
+
+def _walk_map(names: Any, root: Any, llg: bool) -> Any:
+    """A map of names to schemas: a property named ``if`` or ``not`` is no keyword."""
+    if not isinstance(names, dict):
+        return _walk(names, root, llg)
+    return {name: _walk(sub, root, llg) for name, sub in names.items()}
+
+
+def _llguidance_format(out: dict) -> None:
+    """A format llguidance refuses ("Unknown format"): dropped where braid's validation does
+    not check it (an annotation since draft 2019-09: exact), else a pattern whose matches all
+    pass the check (stricter), unless the schema has its own pattern."""
+    fmt = out["format"]
+    if fmt not in CHECKED_FORMATS:
+        del out["format"]
+    elif fmt in STRICTER_FORMAT_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = f"^(?:{STRICTER_FORMAT_PATTERNS[fmt]})$"
 
 
 def _bounded_format(fmt: str, min_length: object, max_length: object) -> str | None:
@@ -193,12 +231,13 @@ _ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "definitio
 _CONDITIONAL = {"if", "then", "else", "$comment", "description", "title"}
 
 
-def _merge_all_of(node: dict, root: Any) -> dict:
+def _merge_all_of(node: dict, root: Any, keep_conditionals: bool = False) -> dict:
     """``node`` with its allOf merged in, when every part is a plain object schema and the merge
     is exactly equivalent, or a lone part beside annotations only; else ``node`` unchanged.
     if/then/else parts are dropped first: no backend enforces them (xgrammar ignored the whole
     schema around them), and the output's validation reports what they decide."""
-    kept = [p for p in node["allOf"] if not (isinstance(p, dict) and "if" in p and set(p) <= _CONDITIONAL)]
+    kept = [p for p in node["allOf"]
+            if keep_conditionals or not (isinstance(p, dict) and "if" in p and set(p) <= _CONDITIONAL)]
     if len(kept) != len(node["allOf"]):
         node = {k: v for k, v in node.items() if k != "allOf"} | ({"allOf": kept} if kept else {})
         if not kept:
