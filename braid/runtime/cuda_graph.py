@@ -45,6 +45,28 @@ def capture_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def stage_columns(stage: torch.Tensor, columns: list[list[int]], padding_row: int) -> None:
+    """Write one decode batch's host columns into ``stage`` ``(4, padded)``; the rows past the
+    batch become padding rows: token 0 at position 0 of the padding row, one key."""
+    bsz = len(columns[0])
+    stage[:, :bsz] = torch.tensor(columns, dtype=torch.int64)
+    if stage.shape[1] > bsz:
+        stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1]], dtype=torch.int64)
+
+
+def static_decode_batch(block: torch.Tensor, logits_rows: torch.Tensor, table: torch.Tensor, size: int,
+                        max_keys: int) -> ForwardBatch:  # fmt: skip
+    """The ForwardBatch a graph of ``size`` rows runs: views of the input ``block`` (token ids,
+    positions, rows, lengths), the new tokens' KV slots gathered from the request ``table``, and
+    attention sized for ``max_keys`` keys."""
+    ids, positions, rows, seq_lens = (block[c, :size] for c in range(DecodeInputs.COLUMNS))
+    return ForwardBatch(
+        mode=ForwardMode.DECODE, input_ids=ids, positions=positions, out_slots=table[rows, positions],
+        req_rows=rows, seq_lens=seq_lens, prefix_lens_cpu=[0] * size, extend_lens_cpu=[1] * size,
+        seq_lens_cpu=[1] * size, logits_rows=logits_rows[:size], req_to_token=table, decode_max_keys=max_keys,
+    )  # fmt: skip
+
+
 class DecodeInputs:
     """Static device buffers a captured decode reads, and a pinned host staging block."""
 
@@ -68,9 +90,7 @@ class DecodeInputs:
         if self.copied[self.turn] is not None:
             self.copied[self.turn].synchronize()
         stage = self.staging[self.turn][:, :padded]
-        stage[:, :bsz] = torch.tensor(columns, dtype=torch.int64)
-        if padded > bsz:  # padding rows: token 0 at position 0 of the padding row, 1 key
-            stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1]], dtype=torch.int64)
+        stage_columns(stage, columns, padding_row)
         self.block[:, :padded].copy_(stage, non_blocking=True)  # ordered before the replay (same stream)
         self.copied[self.turn] = torch.cuda.Event()
         self.copied[self.turn].record()
@@ -117,13 +137,7 @@ class DecodeGraphs:
 
     def static_batch(self, size: int) -> ForwardBatch:
         """The ForwardBatch a graph of ``size`` rows is captured with: views of the buffers."""
-        ids, positions, rows, seq_lens = (self.inputs.block[c, :size] for c in range(DecodeInputs.COLUMNS))
-        return ForwardBatch(
-            mode=ForwardMode.DECODE, input_ids=ids, positions=positions, out_slots=self.table[rows, positions],
-            req_rows=rows, seq_lens=seq_lens, prefix_lens_cpu=[0] * size, extend_lens_cpu=[1] * size,
-            seq_lens_cpu=[1] * size, logits_rows=self.inputs.logits_rows[:size], req_to_token=self.table,
-            decode_max_keys=self.max_keys,
-        )  # fmt: skip
+        return static_decode_batch(self.inputs.block, self.inputs.logits_rows, self.table, size, self.max_keys)
 
     def _capture_all(self, device: torch.device) -> None:
         start = time.perf_counter()

@@ -12,9 +12,12 @@ import torch
 from braid.config import EngineConfig
 from braid.errors import InvalidRequestError
 from braid.runtime.batch import build_decode_batch
-from braid.runtime.cuda_graph import capture_sizes
+from braid.runtime import kernels as triton_kernels
+from braid.runtime.cuda_graph import capture_sizes, stage_columns, static_decode_batch
+from braid.runtime.kernels import attention as attention_kernels
 from braid.runtime.forward_batch import ForwardMode
 from braid.runtime.memory import ReqToTokenPool
+from tests.engine_helpers import make_engine_model
 
 
 @pytest.mark.parametrize("max_batch", [1, 3, 64, 100, 256])
@@ -51,8 +54,6 @@ def test_config_flags():
 
 
 def test_no_graphs_on_cpu(tmp_path):
-    from tests.engine_helpers import make_engine_model
-
     import braid as bd
 
     folder = make_engine_model("llama", tmp_path)
@@ -60,3 +61,38 @@ def test_no_graphs_on_cpu(tmp_path):
         assert eng.runner.graphs is None
         out = eng.generate(input_ids=[[5, 6, 7], [9, 10]], sampling_params={"max_new_tokens": 3, "ignore_eos": True})
         assert [len(o["output_ids"]) for o in out] == [3, 3]
+
+
+@pytest.mark.skipif(triton_kernels.triton is None, reason="needs triton")
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_the_batch_a_graph_runs_matches_the_eager_decode_batch(monkeypatch, tmp_path, arch):
+    """What a graph replay computes, run eagerly through the Triton kernels (interpreted): the
+    static batch with padding rows and attention sized for the whole context, against the
+    eager decode batch, on random KV contents and scattered request tables."""
+    import braid as bd
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(attention_kernels, "num_sms", lambda device: 132)  # a GPU's worth of splits
+    folder = make_engine_model(arch, tmp_path, num_hidden_layers=2, max_position_embeddings=1024)
+    with bd.Engine(model_path=folder, device="cpu", attention_backend="triton", dtype="float32",
+                   max_total_tokens=2048, max_running_requests=8, cpu_threads=1) as eng:
+        runner, pool = eng.runner, eng.scheduler.kv.req_pool
+        gen = torch.Generator().manual_seed(5)
+        for buf in (*runner.kv.k, *runner.kv.v):
+            buf[1:].normal_(generator=gen)
+        block = torch.zeros(4, 8, dtype=torch.int64)
+        for bsz in (1, 3, 5):
+            size = capture_sizes(8)[bisect.bisect_left(capture_sizes(8), bsz)]
+            rows = torch.randperm(pool.max_requests, generator=gen)[:bsz].tolist()
+            lens = torch.randint(1, 300, (bsz,), generator=gen).tolist()
+            for row, n in zip(rows, lens):
+                pool.table[row, :n] = torch.randperm(runner.kv.num_slots, generator=gen)[:n] + 1
+            columns = [torch.randint(0, runner.info.vocab_size, (bsz,), generator=gen).tolist(),
+                       [n - 1 for n in lens], rows, lens]
+            stage_columns(block[:, :size], columns, pool.padding_row)
+            static = runner.forward(static_decode_batch(block, torch.arange(8), pool.table, size, 1024))
+            eager = runner.forward(build_decode_batch(columns, pool.table, runner.device))
+            assert static.shape == (size, runner.info.vocab_size)
+            assert size > bsz or bsz == 1  # padding rows ran beside the real ones
+            torch.testing.assert_close(static[:bsz], eager, atol=2e-5, rtol=2e-5)
+        pool.table.zero_()
