@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from braid.server.dp import free_port, router_command
+from braid.net import free_port
+from braid.server.dp import router_command
 
 REPLICA = re.compile(r"^braid serve --dp: replica (\d+) \(pid (\d+)\) at (http://\S+)")
 ROUTER_READY = re.compile(r"^braid serve: ready at (http://\S+) \(router over")

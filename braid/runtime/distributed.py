@@ -21,7 +21,6 @@ is then a no-op, and no process group exists.
 from __future__ import annotations
 
 import logging
-import socket
 from datetime import timedelta
 
 import torch
@@ -51,13 +50,6 @@ def node_ranks(config: EngineConfig) -> range:
 def rank_device(base: torch.device, rank: int, config: EngineConfig) -> torch.device:
     """Rank ``rank``'s device: ``cuda:<local rank>`` when the engine runs on CUDA, else ``base``."""
     return torch.device("cuda", rank % ranks_per_node(config)) if base.type == "cuda" else base
-
-
-def free_local_addr() -> str:
-    """``127.0.0.1:PORT`` with a port free right now (for a single-node group without an address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 class TPGroup:

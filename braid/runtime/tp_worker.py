@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from braid.config import EngineConfig
 from braid.errors import InvalidRequestError
-from braid.runtime.distributed import TPGroup, free_local_addr, node_ranks, rank_device
+from braid.net import free_port
+from braid.runtime.distributed import TPGroup, node_ranks, rank_device
 from braid.runtime.loader import check_tensor_parallel
 from braid.runtime.model_runner import ModelRunner, resolve_device
 from braid.runtime.tp_batch import BatchChannel
@@ -100,7 +101,7 @@ def start_tensor_parallel(config: EngineConfig, folder: str) -> tuple[ModelRunne
             "node_rank", f"got {config.node_rank}: nodes other than 0 run only workers (braid serve --node-rank)"
         )
     check_tensor_parallel(folder, config.tp_size)
-    init_addr = config.dist_init_addr or free_local_addr()
+    init_addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
     workers = WorkerProcesses(config, folder, node_ranks(config)[1:], init_addr)
     tp: TPGroup | None = None
     try:

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import httpx
 
 from braid.config import EngineConfig, ServerConfig
 from braid.errors import InvalidRequestError, MissingPackageError, RequestFailedError
+from braid.net import free_port
 
 READY = re.compile(r"braid serve: ready at (http://\S+)")
 STOP_GRACE_S = 15.0  # per child, after SIGTERM, before SIGKILL
@@ -69,12 +69,6 @@ def replica_args(engine: EngineConfig, server: ServerConfig) -> list[str]:
     if server.served_model_name:
         args += ["--served-model-name", server.served_model_name]
     return args
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _Child:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from braid.net import free_port
 from tests.integration.conftest import API_KEY, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -119,9 +119,7 @@ def test_a_bad_request_field_is_an_error_record_not_a_gap(tmp_path, served, exam
 
 
 def test_a_server_that_does_not_answer_fails_the_job(tmp_path, example, stack):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps({"id": "d0", "text": TEXTS[0]}) + "\n")
     processor = example.build_extractor(f"http://127.0.0.1:{port}", example.PERSON, model="m", concurrency=1,

@@ -24,7 +24,8 @@ import jsonschema
 import openai
 import pytest
 
-from braid.server.dp import free_port, router_command
+from braid.net import free_port
+from braid.server.dp import router_command
 from tests.integration.conftest import API_KEY, Server, start_server, stop_server
 
 pytestmark = [pytest.mark.slow,

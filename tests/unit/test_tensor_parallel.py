@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 from braid.config import EngineConfig, add_cli_args, from_cli_args
 from braid.errors import InvalidRequestError, RequestFailedError
 from braid.runtime import kernels
-from braid.runtime.distributed import SINGLE, TPGroup, free_local_addr
+from braid.net import free_port
+from braid.runtime.distributed import SINGLE, TPGroup
 from braid.runtime.layers.linear import Shard, head_shard
 from braid.runtime.loader import load_model
 from tests.conftest import assert_at_rest
@@ -79,7 +80,7 @@ def _rank_main(rank: int, size: int, init_addr: str, folders: dict[str, str], ou
 
 def _spawn_ranks(size: int, folders: dict[str, str], out: str) -> None:
     ctx = mp.get_context("spawn")
-    addr = free_local_addr()
+    addr = f"127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, size, addr, folders, out), daemon=True) for r in range(size)]
     for p in procs:
         p.start()
@@ -175,7 +176,7 @@ def test_two_nodes_on_loopback(engine_model):
     import braid as bd
 
     ref = _generate(engine_model, PROMPTS)
-    addr = free_local_addr()
+    addr = f"127.0.0.1:{free_port()}"
     node1 = subprocess.Popen(
         [sys.executable, "-m", "braid.cli", "serve", "--model-path", engine_model, "--tp", "2", "--nnodes", "2",
          "--node-rank", "1", "--dist-init-addr", addr, "--cpu-threads", "1", "--max-total-tokens", "2048"],
