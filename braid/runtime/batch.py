@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from braid.runtime.forward_batch import ForwardBatch, ForwardMode
+from braid.runtime.memory import to_device
 from braid.runtime.request import Req
 
 
@@ -70,7 +71,7 @@ def decode_columns(reqs: list[Req]) -> list[list[int]]:
 def build_decode_batch(columns: list[list[int]], table: torch.Tensor, device: torch.device) -> ForwardBatch:
     """The eager ForwardBatch of a decode step given as :func:`decode_columns`."""
     ids, positions, rows, seq = columns
-    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    t = lambda xs: to_device(xs, torch.int64, device)  # noqa: E731
     rows_t, pos_t = t(rows), t(positions)
     return ForwardBatch(
         mode=ForwardMode.DECODE, input_ids=t(ids), positions=pos_t, out_slots=table[rows_t, pos_t],
@@ -83,7 +84,7 @@ def _make_extend_batch(reqs, ids, positions, rows, logits_rows, table, device) -
     prefix = [r.kv_len for r in reqs]
     ext = [r.extend_len for r in reqs]
     seq = [p + e for p, e in zip(prefix, ext)]
-    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    t = lambda xs: to_device(xs, torch.int64, device)  # noqa: E731
     rows_t, pos_t = t(rows), t(positions)
     # slots of the new tokens: already recorded in the request rows by KVManager.extend
     req_of_token = torch.repeat_interleave(rows_t, t(ext))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from braid.radix_cache import RadixCache
-from braid.runtime.memory import ReqToTokenPool, SlotAllocator
+from braid.runtime.memory import ReqToTokenPool, SlotAllocator, to_device
 from braid.runtime.request import Req
 
 
@@ -71,7 +71,7 @@ class KVManager:
         """``extend(req, 1)`` for every request of a decode step, with one allocation and one
         table write for the whole batch (per-request writes were a device launch each)."""
         slots = self.allocate(len(reqs))
-        rows, positions = torch.tensor([[r.row for r in reqs], [r.kv_len for r in reqs]], device=slots.device)
+        rows, positions = to_device([[r.row for r in reqs], [r.kv_len for r in reqs]], torch.int64, slots.device)
         self.req_pool.table[rows, positions] = slots
 
     def discard(self, req: Req, n: int) -> None:

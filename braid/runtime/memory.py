@@ -14,6 +14,20 @@ from __future__ import annotations
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without stalling the host on CUDA.
+
+    A plain copy from pageable host memory makes the host wait until the stream has finished
+    everything queued before it (the previous step's forward, with the overlap scheduler), so
+    the GPU idles while the next step is launched. From pinned memory the copy is queued like a
+    kernel; PyTorch's pinned-block cache keeps the block alive until the copy has run.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class SlotAllocator:
     """Free list of KV slot indices 1..num_slots (slot 0 is the padding slot)."""
 

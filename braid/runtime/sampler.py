@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from braid.runtime.memory import to_device
 from braid.runtime.sampling_params import SamplingParams
 
 # topk beats a full sort when the largest k is small; above this a sort is as cheap.
@@ -128,7 +129,7 @@ def process_logits(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.T
     if len(sampled) == len(inputs):
         x = _filter(x, params)
     elif sampled:
-        rows = torch.tensor(sampled, device=x.device)
+        rows = to_device(sampled, torch.int64, x.device)
         x[rows] = _filter(x.index_select(0, rows), params)  # (S, V)
     return x
 
@@ -142,7 +143,7 @@ def _choose(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
         return (x + _gumbel_noise(x.shape, generators, x.device)).argmax(dim=-1)
     token_ids = x.argmax(dim=-1)
     if sampled:
-        rows = torch.tensor(sampled, device=x.device)
+        rows = to_device(sampled, torch.int64, x.device)
         sub = x.index_select(0, rows)
         token_ids[rows] = (sub + _gumbel_noise(sub.shape, generators, x.device)).argmax(dim=-1)
     return token_ids
@@ -150,7 +151,7 @@ def _choose(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
 
 def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top_k, top_p, min_p on rows that sample; filtered-out logits -> -inf."""
-    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=x.device)
+    temps = to_device([p.temperature for p in params], x.dtype, x.device)
     x = x.div_(temps[:, None])
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
@@ -168,8 +169,8 @@ def _top_k_top_p_sorted(x: torch.Tensor, top_k: list[int], top_p: list[float]) -
     """Keep each row's ``top_k`` best (exactly k, ties broken by sort order), then the
     smallest set of the survivors, most likely first, whose renormalized mass reaches top_p."""
     n_rows, vocab = x.shape
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=x.device)
-    p = torch.tensor(top_p, dtype=x.dtype, device=x.device)
+    k = to_device([kk if kk > 0 else vocab for kk in top_k], torch.int64, x.device)
+    p = to_device(top_p, x.dtype, x.device)
     sorted_x, order = x.sort(dim=-1, descending=True)  # (S, V) each
     drop = torch.arange(vocab, device=x.device)[None, :] >= k[:, None]
     probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -183,7 +184,7 @@ def _top_k_top_p_sorted(x: torch.Tensor, top_k: list[int], top_p: list[float]) -
 def _top_k_only(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Top-k without a full sort: ``topk`` of the largest k, then each row keeps its own k."""
     kmax = min(max(top_k), x.shape[1])
-    k = torch.tensor(top_k, device=x.device)
+    k = to_device(top_k, torch.int64, x.device)
     _, best = x.topk(kmax, dim=-1)  # (S, kmax), best first
     beyond_k = torch.arange(kmax, device=x.device)[None, :] >= k[:, None]
     drop = torch.ones_like(x, dtype=torch.bool).scatter_(1, best, beyond_k)
@@ -193,7 +194,7 @@ def _top_k_only(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
 
 def _min_p(x: torch.Tensor, min_p: list[float]) -> None:
     """Drop tokens with prob < min_p * max prob, i.e. logit < max logit + log(min_p), in place."""
-    log_min_p = torch.tensor(min_p, dtype=x.dtype, device=x.device).log()  # log(0) = -inf keeps all
+    log_min_p = to_device(min_p, x.dtype, x.device).log()  # log(0) = -inf keeps all
     best = x.max(dim=-1, keepdim=True).values
     x.masked_fill_(x < best + log_min_p[:, None], float("-inf"))
 
@@ -210,7 +211,7 @@ def _gumbel_noise(shape: torch.Size, generators: list[torch.Generator | None], d
                 assert gen.device.type == device.type, f"generator on {gen.device}, logits on {device}"
                 noise[j].exponential_(generator=gen)  # the full row: independent of the batch
         if shared:
-            rows = torch.tensor(shared, device=device)
+            rows = to_device(shared, torch.int64, device)
             noise[rows] = torch.empty((len(shared), shape[1]), device=device).exponential_()
     # Clamp: an exact 0 draw would give +inf noise, and +inf + -inf (a filtered token) is NaN.
     return noise.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
@@ -227,7 +228,7 @@ def _apply_penalties(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
         seen = torch.zeros_like(x, dtype=torch.bool)
         rows, cols = _flat_index([(i, inputs[i].prompt_ids + inputs[i].output_ids) for i in rep_rows], x.device)
         seen[rows, cols] = True
-        pen = torch.tensor([inp.params.repetition_penalty for inp in inputs], dtype=x.dtype, device=x.device)
+        pen = to_device([inp.params.repetition_penalty for inp in inputs], x.dtype, x.device)
         penalized = torch.where(x > 0, x / pen[:, None], x * pen[:, None])
         x.copy_(torch.where(seen, penalized, x))
     freq_rows = [
@@ -237,8 +238,8 @@ def _apply_penalties(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
         counts = torch.zeros_like(x)
         rows, cols = _flat_index([(i, inputs[i].output_ids) for i in freq_rows], x.device)
         counts.index_put_((rows, cols), torch.ones_like(cols, dtype=x.dtype), accumulate=True)
-        freq = torch.tensor([inp.params.frequency_penalty for inp in inputs], dtype=x.dtype, device=x.device)
-        pres = torch.tensor([inp.params.presence_penalty for inp in inputs], dtype=x.dtype, device=x.device)
+        freq = to_device([inp.params.frequency_penalty for inp in inputs], x.dtype, x.device)
+        pres = to_device([inp.params.presence_penalty for inp in inputs], x.dtype, x.device)
         x -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(x.dtype)
 
 
@@ -251,10 +252,9 @@ def _apply_bans(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
 
 def _flat_index(row_ids: list[tuple[int, list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token) index tensors for advanced indexing, built on the host in one transfer each."""
-    cols = torch.tensor(list(itertools.chain.from_iterable(ids for _, ids in row_ids)), dtype=torch.long)
-    lens = torch.tensor([len(ids) for _, ids in row_ids])
-    rows = torch.repeat_interleave(torch.tensor([i for i, _ in row_ids]), lens)
-    return rows.to(device), cols.to(device)
+    rows = [i for i, ids in row_ids for _ in ids]
+    cols = list(itertools.chain.from_iterable(ids for _, ids in row_ids))
+    return to_device(rows, torch.long, device), to_device(cols, torch.long, device)
 
 
 # ---- reporting -------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def _report(logits: torch.Tensor, token_ids: torch.Tensor, top_nums: list[int]) 
     top: list[list[tuple[float, int]]] = [[] for _ in top_nums]
     wanted = [i for i, n in enumerate(top_nums) if n > 0]
     if wanted:
-        rows = torch.tensor(wanted, device=logits.device)
+        rows = to_device(wanted, torch.int64, logits.device)
         kmax = min(max(top_nums), logits.shape[1])
         vals, ids = logits.index_select(0, rows).topk(kmax, dim=-1)
         vals = (vals - lse[rows][:, None]).tolist()

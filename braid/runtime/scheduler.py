@@ -28,6 +28,7 @@ from braid.runtime.batch import build_extend_batch, decode_columns
 from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
+from braid.runtime.memory import to_device
 from braid.runtime.messages import AbortRequest, AddBatch, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
 from braid.runtime.model_runner import ModelRunner
 from braid.runtime.outputs import PROMPT_TAIL, OutputProcessor
@@ -337,7 +338,7 @@ class Scheduler:
             where = {id(r): i for i, r in enumerate(prev.reqs)}
             order = [where[id(r)] for r in reqs]
             same = order == list(range(len(prev.reqs)))
-            input_ids = prev.tokens if same else prev.tokens[torch.tensor(order, device=prev.tokens.device)]
+            input_ids = prev.tokens if same else prev.tokens[to_device(order, torch.int64, prev.tokens.device)]
         self.kv.extend_decode(reqs)  # a pending token sits at position kv_len, as a sampled one does
         logits = self.runner.decode(decode_columns(reqs), self.kv.req_pool.table, input_ids)
         for req in reqs:
@@ -349,7 +350,7 @@ class Scheduler:
         if not ready:
             return
         if len(ready) < len(reqs):
-            logits = logits[torch.tensor(ready, device=logits.device)]
+            logits = logits[to_device(ready, torch.int64, logits.device)]
         ready_reqs = [reqs[i] for i in ready]
         self.in_flight = InFlight.start(ready_reqs, self.outputs.choose_tokens(ready_reqs, logits, self.shared_generator))
 

@@ -54,3 +54,50 @@ def test_greedy_tokens_same_with_and_without_graphs(tmp_path):
             assert eng.get_stats()["at_rest_error"] is None
     assert results[False] == results[True]
     assert [len(t) for t in results[False]] == [4 + 5 * i for i in range(7)]
+
+
+@pytest.mark.parametrize("disable_cuda_graph", [False, True])
+def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, tmp_path):
+    """Launching step k+1 (KV slots, inputs, the forward, sampling) must not wait for step k: a
+    copy from pageable memory, ``.item()`` or ``.tolist()`` there would leave the GPU idle while
+    the host launches. CUDA's sync debug mode turns any such wait into an error; the one wait
+    that belongs there (taking step k's tokens, after step k+1 is queued) is let through."""
+    from braid.runtime import scheduler as sched
+
+    folder = make_engine_model("llama", tmp_path)
+    prompts = random_prompts(4, 5, 60, 512, seed=22)
+    params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 24},
+              {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 1, "ignore_eos": True, "max_new_tokens": 24},
+              {"temperature": 1.0, "min_p": 0.05, "frequency_penalty": 0.5, "ignore_eos": True, "max_new_tokens": 24},
+              {"temperature": 0, "repetition_penalty": 1.2, "ignore_eos": True, "max_new_tokens": 24}]
+    with bd.Engine(model_path=folder, device="cuda", dtype="float32", disable_cuda_graph=disable_cuda_graph) as eng:
+        eng.generate(input_ids=prompts[:1], sampling_params=params[0])  # capture and compile outside the check
+        s = eng.scheduler
+        assert s.overlap
+        checked = []
+        step, take = s._run_decode_overlapped, sched.InFlight.token_list
+
+        def strict_step():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+                checked.append(1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def allowed_take(self):
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return take(self)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        s._run_decode_overlapped = strict_step
+        sched.InFlight.token_list = allowed_take
+        try:
+            outs = eng.generate(input_ids=prompts, sampling_params=params)
+        finally:
+            sched.InFlight.token_list = take
+        assert len(checked) > 15
+        assert [len(o["output_ids"]) for o in outs] == [24] * 4
+        assert eng.get_stats()["at_rest_error"] is None

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from braid.runtime.kernels import MAX_COMBINE, SUM_COMBINE, interpreting, power_of_two_at_least, triton_runs_on
+from braid.runtime.memory import to_device
 
 try:
     import triton
@@ -75,7 +76,7 @@ def plan_extend(
     starts = [0, *itertools.accumulate(extend_lens)][: len(extend_lens)]
     tiles = [(i, m) for i, n in enumerate(extend_lens) for m in range(0, n, block_m)]
     tiles.sort(key=lambda t: -(prefix_lens[t[0]] + min(t[1] + block_m, extend_lens[t[0]])))
-    as_int32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    as_int32 = functools.partial(to_device, dtype=torch.int32, device=device)
     return ExtendPlan(
         tile_req=as_int32([i for i, _ in tiles]),
         tile_start=as_int32([m for _, m in tiles]),

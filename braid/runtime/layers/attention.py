@@ -19,6 +19,7 @@ from braid.runtime import kernels
 from braid.runtime.forward_batch import ForwardBatch, ForwardMode
 from braid.runtime.kernels import attention as attention_kernels
 from braid.runtime.kernels.kv_store import store_kv_triton
+from braid.runtime.memory import to_device
 from braid.runtime.memory import KVPool
 
 
@@ -201,7 +202,7 @@ def _bucket_plans(batch: ForwardBatch, window: int | None, group: int):
             singles.append(bucket[0])
             continue
         rows = [starts[i] + j for i in bucket for j in range(batch.extend_lens_cpu[i])]
-        dest = torch.tensor(rows, dtype=torch.int64, device=batch.input_ids.device)
+        dest = to_device(rows, torch.int64, batch.input_ids.device)
         padded.append((_padded_plan(batch, window, group, bucket), dest))
     return _extend_plan(batch, window, singles), padded
 
@@ -220,7 +221,7 @@ class PaddedPlan(NamedTuple):
 def _padded_plan(batch: ForwardBatch, window: int | None, group: int, idx: list[int] | None = None) -> PaddedPlan:
     """The plan for requests ``idx`` of the batch (all of them when None), in that order."""
     dev = batch.input_ids.device
-    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+    t = lambda xs: to_device(xs, torch.int64, dev)  # noqa: E731
     sel = range(batch.batch_size) if idx is None else idx
     ext_l = [batch.extend_lens_cpu[i] for i in sel]
     seq_l = [batch.seq_lens_cpu[i] for i in sel]
