@@ -22,6 +22,7 @@ from braid.grammar import (
 from braid.grammar.base import allocate_bitmask, set_token_bits
 from braid.grammar.validate import json_validator
 from braid.runtime.kernels.bitmask import apply_bitmask
+from braid.runtime.memory import to_device
 from braid.runtime.sampling_params import SamplingParams
 
 
@@ -110,11 +111,8 @@ class Constraints:
             built = prepared.result()
             assert built[0] == [id(r) for r in reqs], "masks were prepared for other requests"
         _, rows, bitmask = built
-        index = None if len(rows) == logits.shape[0] else torch.tensor(rows, dtype=torch.int32)
-        if logits.device.type != "cpu":
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-            index = None if index is None else index.to(logits.device, non_blocking=True)
-        apply_bitmask(logits, bitmask, index)
+        index = None if len(rows) == logits.shape[0] else to_device(rows, torch.int32, logits.device)
+        apply_bitmask(logits, to_device(bitmask, torch.int32, logits.device), index)
 
     def _build_masks(self, reqs: list) -> tuple[list[int], list[int], torch.Tensor]:
         rows = [i for i, r in enumerate(reqs) if r.matcher is not None]

@@ -15,14 +15,15 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without stalling the host on CUDA.
+    """``torch.as_tensor(values, dtype=dtype, device=device)`` (``values``: a list or a host
+    tensor) without stalling the host on CUDA.
 
     A plain copy from pageable host memory makes the host wait until the stream has finished
     everything queued before it (the previous step's forward, with the overlap scheduler), so
     the GPU idles while the next step is launched. From pinned memory the copy is queued like a
     kernel; PyTorch's pinned-block cache keeps the block alive until the copy has run.
     """
-    host = torch.tensor(values, dtype=dtype)
+    host = torch.as_tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -4,6 +4,8 @@ batch shrinks through graph sizes and past the largest one. Skipped without CUDA
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from braid.runtime.batch import build_decode_batch
 from tests.engine_helpers import make_engine_model, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "maximum": 999}}, "required": ["name", "age"]}
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
@@ -61,15 +66,17 @@ def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, t
     """Launching step k+1 (KV slots, inputs, the forward, sampling) must not wait for step k: a
     copy from pageable memory, ``.item()`` or ``.tolist()`` there would leave the GPU idle while
     the host launches. CUDA's sync debug mode turns any such wait into an error; the one wait
-    that belongs there (taking step k's tokens, after step k+1 is queued) is let through."""
+    that belongs there (taking step k's tokens, after step k+1 is queued) is let through. One
+    request is JSON-constrained: its grammar mask goes to the device in the step too."""
     from braid.runtime import scheduler as sched
 
     folder = make_engine_model("llama", tmp_path)
-    prompts = random_prompts(4, 5, 60, 512, seed=22)
+    prompts = random_prompts(5, 5, 60, 512, seed=22)
     params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 24},
               {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 1, "ignore_eos": True, "max_new_tokens": 24},
               {"temperature": 1.0, "min_p": 0.05, "frequency_penalty": 0.5, "ignore_eos": True, "max_new_tokens": 24},
-              {"temperature": 0, "repetition_penalty": 1.2, "ignore_eos": True, "max_new_tokens": 24}]
+              {"temperature": 0, "repetition_penalty": 1.2, "ignore_eos": True, "max_new_tokens": 24},
+              {"temperature": 1.0, "seed": 2, "max_new_tokens": 40, "json_schema": json.dumps(SCHEMA)}]
     with bd.Engine(model_path=folder, device="cuda", dtype="float32", disable_cuda_graph=disable_cuda_graph) as eng:
         eng.generate(input_ids=prompts[:1], sampling_params=params[0])  # capture and compile outside the check
         s = eng.scheduler
@@ -99,5 +106,6 @@ def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, t
         finally:
             sched.InFlight.token_list = take
         assert len(checked) > 15
-        assert [len(o["output_ids"]) for o in outs] == [24] * 4
+        assert [len(o["output_ids"]) for o in outs[:4]] == [24] * 4
+        assert outs[4]["meta_info"]["valid"] or outs[4]["meta_info"]["finish_reason"]["type"] == "length"
         assert eng.get_stats()["at_rest_error"] is None
