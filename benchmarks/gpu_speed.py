@@ -8,7 +8,9 @@ measured in one run on a random Llama-3.1-8B-shaped bf16 model.
   (median of 3). Floor: the weights read once per token at the copy bandwidth measured here.
 - offline: 256 requests of 512 prompt / 128 output tokens submitted at once; output tok/s.
   Floor: the step FLOPs of every token (2 x linear weights per token, the LM head only for the
-  sampled rows) at the bf16 matmul rate measured here.
+  sampled rows) at the bf16 matmul rate measured here. Also printed: the time of the prefill
+  phase (the same prompts with 1 output token) and of the rest (decode), and a roofline that
+  adds each decode step's memory bound (weights plus every row's KV at the copy bandwidth).
 - prefix: 64 requests sharing a 2,000-token prefix, each with 64 own tokens and 64 output
   tokens, from a cold cache; seconds. Beside it: the same 64 suffixes alone (no shared
   prefix), and the floor (prefix once + suffixes at the matmul rate, plus 64 decode steps at
@@ -83,7 +85,12 @@ def braid_runs(eng, shapes: Shapes, workloads: list[str], vocab: int) -> dict[st
         count, n_in, n_out = shapes.offline
         prompts = random_ids(count, n_in, vocab, 2)
         run = cold(lambda: eng.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": n_out}))
-        out["offline"] = count * n_out / timed(run, repeats=1 if count > 64 else REPEATS)
+        total = timed(run, repeats=1 if count > 64 else REPEATS)
+        out["offline"] = count * n_out / total
+        # the phases: every prompt's prefill (and its first token) alone, the rest is decode
+        prefill = timed(cold(lambda: eng.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": 1})),
+                        repeats=1)
+        out["offline prefill s"], out["offline decode s"] = prefill, total - prefill
     if "prefix" in workloads:
         count, shared, own, n_out = shapes.prefix
         prefix = random_ids(1, shared, vocab, 3)[0]
@@ -147,8 +154,9 @@ def hf_offline(model, shapes: Shapes, vocab: int) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------- floors
-def floors(model, shapes: Shapes, bw_gbs: float, tflops: float) -> dict[str, float]:
-    """The best any engine could do with these weights on this GPU, per workload."""
+def floors(model, kv_token_bytes: int, shapes: Shapes, bw_gbs: float, tflops: float) -> dict[str, float]:
+    """The best any engine could do with these weights on this GPU, per workload
+    (``kv_token_bytes``: the K and V of one token over all layers)."""
     head = model.lm_head.weight.numel()
     body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
     weights_s = param_bytes(model) / (bw_gbs * 1e9)  # one read of every weight
@@ -156,12 +164,21 @@ def floors(model, shapes: Shapes, bw_gbs: float, tflops: float) -> dict[str, flo
     def compute_s(tokens: int, sampled: int) -> float:
         return 2 * (body * tokens + head * sampled) / (tflops * 1e12)
 
+    def decode_step_s(batch: int, context: int) -> float:
+        """One decode step: its matmuls, or reading the weights and every row's KV, whichever is longer."""
+        return max(compute_s(batch, batch), weights_s + batch * context * kv_token_bytes / (bw_gbs * 1e9))
+
     count, n_in, n_out = shapes.offline
     pcount, shared, own, p_out = shapes.prefix
     prefix_s = compute_s(shared + pcount * own, pcount) + p_out * max(weights_s, compute_s(pcount, pcount))
+    prefill_s = compute_s(count * n_in, count)
     return {
         "decode": 1 / weights_s,
         "offline": count * n_out / compute_s(count * (n_in + n_out), count * n_out),
+        # prefill at the matmul rate, then each decode step at its own bound (weights + KV read)
+        "offline roofline": count * n_out / (prefill_s + sum(decode_step_s(count, n_in + i) for i in range(1, n_out))),
+        "offline prefill s": prefill_s,
+        "offline decode s": sum(decode_step_s(count, n_in + i) for i in range(1, n_out)),
         "prefix": prefix_s,
     }
 
@@ -193,7 +210,8 @@ def main() -> None:
                 print(f"captured {len(graphs.sizes)} decode graphs in {graphs.capture_seconds:.1f} s", flush=True)
             vocab = eng.vocab_size
             columns[label] = braid_runs(eng, shapes, workloads, vocab)
-            floor = floors(eng.runner.model, shapes, bw, tflops)
+            kv = eng.runner.kv
+            floor = floors(eng.runner.model, sum(t[0].nbytes for t in (*kv.k, *kv.v)), shapes, bw, tflops)
             print(label, columns[label], flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -218,6 +236,14 @@ def main() -> None:
     if "prefix" in workloads:
         alone = [columns[n]["suffixes alone"] for n in names if n.startswith("braid")]
         print(f"prefix: the 64 suffixes alone took {min(alone):.2f} s in braid (no shared prefix)")
+    if "offline" in workloads:
+        for n in names:
+            if n.startswith("braid"):
+                c = columns[n]
+                print(f"offline phases, {n}: prefill (1 token out) {c['offline prefill s']:.2f} s, decode "
+                      f"{c['offline decode s']:.2f} s; floors {floor['offline prefill s']:.2f} s (matmul rate) and "
+                      f"{floor['offline decode s']:.2f} s (weights + KV at the copy bandwidth, or matmuls)")
+        print(f"offline roofline (prefill compute + decode memory or compute): {floor['offline roofline']:.0f} tok/s")
     if "offline how" in columns.get("transformers", {}):
         print(f"transformers offline: {columns['transformers']['offline how']}")
 
