@@ -2,7 +2,7 @@
 measured in one run on a random Llama-3.1-8B-shaped bf16 model.
 
     python -m benchmarks.gpu_speed [--workloads decode,offline,prefix] [--configs default,eager]
-                                   [--skip-transformers] [--dry-run]
+                                   [--skip-transformers] [--dry-run] [--set KEY=VALUE ...]
 
 - decode: one request, 128 random prompt tokens, 256 greedy output tokens; output tok/s
   (median of 3). Floor: the weights read once per token at the copy bandwidth measured here.
@@ -24,6 +24,7 @@ and prefix and ``generate_batch`` (its continuous batching) for offline.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -191,7 +192,15 @@ def main() -> None:
     ap.add_argument("--configs", default="default", help=f"braid columns, comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine option for every braid column, e.g. --set chunked_prefill_size=8192")
     a = ap.parse_args()
+    extra = {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set wants KEY=VALUE, got {item!r}")
+        extra[key] = json.loads(value) if value[:1] in "-0123456789tfn[{" else value
     workloads = a.workloads.split(",")
     dev = torch.device("cpu" if a.dry_run else "cuda")
     shapes = Shapes(a.dry_run)
@@ -203,9 +212,9 @@ def main() -> None:
     columns: dict[str, dict[str, float]] = {}
     for config in a.configs.split(","):
         with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, device=dev.type,
-                       max_total_tokens=40000 if a.dry_run else None, **CONFIGS[config]) as eng:
+                       max_total_tokens=40000 if a.dry_run else None, **{**CONFIGS[config], **extra}) as eng:
             graphs = eng.runner.graphs
-            label = f"braid {config}"
+            label = f"braid {config}" + "".join(f" {k}={v}" for k, v in extra.items())
             if graphs is not None:
                 print(f"captured {len(graphs.sizes)} decode graphs in {graphs.capture_seconds:.1f} s", flush=True)
             vocab = eng.vocab_size
