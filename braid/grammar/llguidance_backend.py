@@ -9,13 +9,17 @@ other backends.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 
 import torch
 
 from braid.grammar.base import GrammarError, GrammarSpec, set_token_bits, utf8_prefix
 from braid.grammar.regex_check import normalize_regex
 from braid.grammar.schema_prep import SCHEMA_VALUE_KEYS, prepare_schema
+
+MIN_VERSION = (1, 9)  # also in pyproject.toml's llguidance extra
 
 
 class LLGuidanceMatcher:
@@ -73,6 +77,11 @@ class LLGuidanceBackend:
         except ImportError as e:
             raise GrammarError("grammar_backend",
                                f"llguidance cannot be imported ({e}): pip install llguidance") from e
+        version = importlib.metadata.version("llguidance")
+        if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MIN_VERSION:
+            # 1.6 takes one EOS id only, 1.7 walks some schemas differently: both were seen failing
+            raise GrammarError("grammar_backend", f"llguidance {version} is too old, braid needs >= "
+                               f"{'.'.join(map(str, MIN_VERSION))}: pip install -U llguidance")
         self._llg = llguidance
         self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
         self._stops = frozenset(stop_token_ids)

@@ -5,6 +5,7 @@ bad regexes get the same named error whichever backend would compile them."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import random
@@ -175,6 +176,14 @@ def test_llguidance_reads_ebnf_and_ends_only_on_a_stop_token(backends, hf_tok):
     assert all(m.accept_token(t) for t in hf_tok.encode("red", add_special_tokens=False))
     assert not m.is_terminated() and allowed(m, len(hf_tok)) == set(STOPS)  # complete: only a stop may follow
     assert m.accept_token(0) and m.is_terminated()
+
+
+@pytest.mark.skipif("llguidance" not in BACKENDS, reason="llguidance is not installed")
+def test_an_old_llguidance_is_refused_by_name(hf_tok, monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.6.1" if name == "llguidance" else real(name))
+    with pytest.raises(GrammarError, match=r"llguidance 1\.6\.1 is too old, braid needs >= 1\.9"):
+        create_backend("llguidance", hf_tok, len(hf_tok), STOPS)
 
 
 def test_outlines_cannot_do_ebnf_and_a_fallback_order_can(backends, hf_tok):
