@@ -18,7 +18,6 @@ comparable across requests with different sampling parameters.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -121,7 +120,7 @@ def process_logits(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.T
     temperature, top_k, top_p and min_p, so that their softmax is exactly the distribution
     ``sample`` draws from. Greedy rows take the argmax of their row. Removed tokens are -inf.
     """
-    x = logits.float().clone()
+    x = logits.float().clone(memory_format=torch.contiguous_format)  # flat views below
     _apply_penalties(x, inputs)
     _apply_bans(x, inputs)
     sampled = [i for i, inp in enumerate(inputs) if not inp.params.is_greedy]
@@ -226,8 +225,8 @@ def _apply_penalties(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
     rep_rows = [i for i, inp in enumerate(inputs) if inp.params.repetition_penalty != 1.0]
     if rep_rows:
         seen = torch.zeros_like(x, dtype=torch.bool)
-        rows, cols = _flat_index([(i, inputs[i].prompt_ids + inputs[i].output_ids) for i in rep_rows], x.device)
-        seen[rows, cols] = True
+        flat = _flat_index([(i, inputs[i].prompt_ids + inputs[i].output_ids) for i in rep_rows], x.shape[1], x.device)
+        seen.view(-1).index_fill_(0, flat, True)
         pen = to_device([inp.params.repetition_penalty for inp in inputs], x.dtype, x.device)
         penalized = torch.where(x > 0, x / pen[:, None], x * pen[:, None])
         x.copy_(torch.where(seen, penalized, x))
@@ -236,8 +235,8 @@ def _apply_penalties(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
     ]
     if freq_rows:
         counts = torch.zeros_like(x)
-        rows, cols = _flat_index([(i, inputs[i].output_ids) for i in freq_rows], x.device)
-        counts.index_put_((rows, cols), torch.ones_like(cols, dtype=x.dtype), accumulate=True)
+        flat = _flat_index([(i, inputs[i].output_ids) for i in freq_rows], x.shape[1], x.device)
+        counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
         freq = to_device([inp.params.frequency_penalty for inp in inputs], x.dtype, x.device)
         pres = to_device([inp.params.presence_penalty for inp in inputs], x.dtype, x.device)
         x -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(x.dtype)
@@ -246,15 +245,14 @@ def _apply_penalties(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
 def _apply_bans(x: torch.Tensor, inputs: list[SamplingInput]) -> None:
     banned = [(i, inp.banned_ids) for i, inp in enumerate(inputs) if inp.banned_ids]
     if banned:
-        rows, cols = _flat_index(banned, x.device)
-        x[rows, cols] = float("-inf")
+        x.view(-1).index_fill_(0, _flat_index(banned, x.shape[1], x.device), float("-inf"))
 
 
-def _flat_index(row_ids: list[tuple[int, list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) index tensors for advanced indexing, built on the host in one transfer each."""
-    rows = [i for i, ids in row_ids for _ in ids]
-    cols = list(itertools.chain.from_iterable(ids for _, ids in row_ids))
-    return to_device(rows, torch.long, device), to_device(cols, torch.long, device)
+def _flat_index(row_ids: list[tuple[int, list[int]]], width: int, device: torch.device) -> torch.Tensor:
+    """Positions ``row * width + token`` in the flattened ``(B, width)`` logits, built on the host
+    in one transfer. ``index_fill_``/``index_add_`` on them never wait for the GPU, where
+    ``x[rows, cols] = value`` copies the value from the host and waits."""
+    return to_device([i * width + t for i, ids in row_ids for t in ids], torch.long, device)
 
 
 # ---- reporting -------------------------------------------------------------------------------
