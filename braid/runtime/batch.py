@@ -87,7 +87,7 @@ def _make_extend_batch(reqs, ids, positions, rows, logits_rows, table, device) -
     t = lambda xs: to_device(xs, torch.int64, device)  # noqa: E731
     rows_t, pos_t = t(rows), t(positions)
     # slots of the new tokens: already recorded in the request rows by KVManager.extend
-    req_of_token = torch.repeat_interleave(rows_t, t(ext))
+    req_of_token = torch.repeat_interleave(rows_t, t(ext), output_size=sum(ext))  # no size sync
     return ForwardBatch(
         mode=ForwardMode.EXTEND, input_ids=t(ids), positions=pos_t, out_slots=table[req_of_token, pos_t],
         req_rows=rows_t, seq_lens=t(seq), prefix_lens_cpu=prefix, extend_lens_cpu=ext, seq_lens_cpu=seq,

@@ -145,6 +145,10 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(device)
         # padding rows only while capturing: every row reads the padding row's one key
         self.inputs.load([[] for _ in range(DecodeInputs.COLUMNS)], self.max_batch, self.padding_row, None)
+        # the side stream must see that copy (and the tables' and weights' writes) first: without
+        # this wait the warm-up read the buffers before the padding landed, i.e. whatever the
+        # allocator's block held before (index out of bounds once a previous engine had used it)
+        stream.wait_stream(torch.cuda.current_stream(device))
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the kernels and let allocators settle outside capture
