@@ -252,6 +252,8 @@ def _flat_index(row_ids: list[tuple[int, list[int]]], width: int, device: torch.
     """Positions ``row * width + token`` in the flattened ``(B, width)`` logits, built on the host
     in one transfer. ``index_fill_``/``index_add_`` on them never wait for the GPU, where
     ``x[rows, cols] = value`` copies the value from the host and waits."""
+    for _, ids in row_ids:  # a flat position past its row would land silently in the next row
+        assert not ids or (min(ids) >= 0 and max(ids) < width), f"token ids must lie in [0, {width})"
     return to_device([i * width + t for i, ids in row_ids for t in ids], torch.long, device)
 
 
