@@ -17,7 +17,8 @@ measured in one run on a random Llama-3.1-8B-shaped bf16 model.
   the copy bandwidth).
 
 ``--configs`` picks the braid columns: ``default`` (CUDA graphs and the overlap scheduler on),
-``no-graphs``, ``no-overlap``, ``eager`` (both off). transformers runs ``generate`` for decode
+``no-graphs``, ``no-overlap``, ``eager`` (both off), or ``none`` (transformers alone, so that a
+long run can be split in two calls; the floors then come from its model). transformers runs ``generate`` for decode
 and prefix and ``generate_batch`` (its continuous batching) for offline.
 """
 
@@ -210,7 +211,10 @@ def main() -> None:
     import braid as bd
 
     columns: dict[str, dict[str, float]] = {}
-    for config in a.configs.split(","):
+    configs = [] if a.configs == "none" else a.configs.split(",")
+    if not configs and a.skip_transformers:
+        ap.error("--configs none --skip-transformers leaves nothing to run")
+    for config in configs:
         with bd.Engine(model_path=a.model, dtype="bfloat16", context_len=4096, device=dev.type,
                        max_total_tokens=40000 if a.dry_run else None, **{**CONFIGS[config], **extra}) as eng:
             graphs = eng.runner.graphs
@@ -228,6 +232,12 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).to(dev).eval()
+        cfg = model.config
+        if not configs:  # transformers alone (--configs none): the floors from its model
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16
+            floor = floors(model, kv_bytes, shapes, bw, tflops)
+            vocab = cfg.vocab_size
         columns["transformers"] = hf_runs(model, shapes, workloads, vocab)
         print("transformers", columns["transformers"], flush=True)
     name = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
@@ -237,14 +247,15 @@ def main() -> None:
     print(f"{'workload':>10} {'unit':>10}" + "".join(f" {n:>14}" for n in names) + f" {'floor':>10} {'best/floor':>10}")
     for w in workloads:
         vals = [columns[n].get(w) for n in names]
-        braid_vals = [columns[n][w] for n in names if n.startswith("braid")]
+        braid_vals = [columns[n][w] for n in names if n.startswith("braid")] or [columns["transformers"][w]]
         best = min(braid_vals) if w == "prefix" else max(braid_vals)
         frac = floor[w] / best if w == "prefix" else best / floor[w]
         cells = "".join(f" {v:>14.1f}" if v is not None else f" {'-':>14}" for v in vals)
         print(f"{w:>10} {units[w]:>10}{cells} {floor[w]:>10.1f} {frac:>10.1%}")
     if "prefix" in workloads:
         alone = [columns[n]["suffixes alone"] for n in names if n.startswith("braid")]
-        print(f"prefix: the 64 suffixes alone took {min(alone):.2f} s in braid (no shared prefix)")
+        if alone:
+            print(f"prefix: the 64 suffixes alone took {min(alone):.2f} s in braid (no shared prefix)")
     if "offline" in workloads:
         for n in names:
             if n.startswith("braid"):
