@@ -3,6 +3,7 @@ measured in one run on a random Llama-3.1-8B-shaped bf16 model.
 
     python -m benchmarks.gpu_speed [--workloads decode,offline,prefix] [--configs default,eager]
                                    [--skip-transformers] [--dry-run] [--set KEY=VALUE ...]
+                                   [--profile WORKLOAD]
 
 - decode: one request, 128 random prompt tokens, 256 greedy output tokens; output tok/s
   (median of 3). Floor: the weights read once per token at the copy bandwidth measured here.
@@ -28,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -67,41 +69,62 @@ def timed(fn, repeats: int = REPEATS) -> float:
 
 
 # ------------------------------------------------------------------------------------ braid
-def braid_runs(eng, shapes: Shapes, workloads: list[str], vocab: int) -> dict[str, float]:
+def braid_calls(eng, shapes: Shapes, vocab: int) -> dict[str, Callable[[], object]]:
+    """One run of each braid workload (and of its companions), from a cold cache."""
     greedy = {"temperature": 0, "ignore_eos": True}
-    out: dict[str, float] = {}
-    eng.generate(input_ids=random_ids(8, 64, vocab, 0), sampling_params={**greedy, "max_new_tokens": 8})  # warm-up
 
-    def cold(fn):
+    def cold(prompts: list[list[int]], n_out: int) -> Callable[[], object]:
         def run():
             eng.flush_cache()
-            fn()
+            return eng.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": n_out})
         return run
 
+    n_in, n_out = shapes.decode
+    count, o_in, o_out = shapes.offline
+    offline = random_ids(count, o_in, vocab, 2)
+    p_count, shared, own, p_out = shapes.prefix
+    prefix = random_ids(1, shared, vocab, 3)[0]
+    suffixes = random_ids(p_count, own, vocab, 4)
+    return {
+        "decode": cold(random_ids(1, n_in, vocab, 1), n_out),
+        "offline": cold(offline, o_out),
+        "offline prefill": cold(offline, 1),  # every prompt's prefill and first token: the rest is decode
+        "prefix": cold([prefix + s for s in suffixes], p_out),
+        "suffixes alone": cold(suffixes, p_out),
+    }
+
+
+def braid_runs(eng, shapes: Shapes, workloads: list[str], vocab: int) -> dict[str, float]:
+    warm = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 8}
+    eng.generate(input_ids=random_ids(8, 64, vocab, 0), sampling_params=warm)  # compiles the kernels
+    calls = braid_calls(eng, shapes, vocab)
+    out: dict[str, float] = {}
     if "decode" in workloads:
-        n_in, n_out = shapes.decode
-        prompt = random_ids(1, n_in, vocab, 1)
-        secs = timed(cold(lambda: eng.generate(input_ids=prompt, sampling_params={**greedy, "max_new_tokens": n_out})))
-        out["decode"] = n_out / secs
+        out["decode"] = shapes.decode[1] / timed(calls["decode"])
     if "offline" in workloads:
-        count, n_in, n_out = shapes.offline
-        prompts = random_ids(count, n_in, vocab, 2)
-        run = cold(lambda: eng.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": n_out}))
-        total = timed(run, repeats=1 if count > 64 else REPEATS)
+        count, _, n_out = shapes.offline
+        total = timed(calls["offline"], repeats=1 if count > 64 else REPEATS)
         out["offline"] = count * n_out / total
-        # the phases: every prompt's prefill (and its first token) alone, the rest is decode
-        prefill = timed(cold(lambda: eng.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": 1})),
-                        repeats=1)
+        prefill = timed(calls["offline prefill"], repeats=1)
         out["offline prefill s"], out["offline decode s"] = prefill, total - prefill
     if "prefix" in workloads:
-        count, shared, own, n_out = shapes.prefix
-        prefix = random_ids(1, shared, vocab, 3)[0]
-        suffixes = random_ids(count, own, vocab, 4)
-        params = {**greedy, "max_new_tokens": n_out}
-        out["prefix"] = timed(cold(lambda: eng.generate(input_ids=[prefix + s for s in suffixes],
-                                                        sampling_params=params)))
-        out["suffixes alone"] = timed(cold(lambda: eng.generate(input_ids=suffixes, sampling_params=params)))
+        out["prefix"] = timed(calls["prefix"])
+        out["suffixes alone"] = timed(calls["suffixes alone"])
     return out
+
+
+def profile_run(call: Callable[[], object], dev: torch.device, rows: int = 20) -> None:
+    """The GPU kernels of one run, most time first: where a workload's time goes. CUPTI records
+    kernels from every thread; CPU ops run on the engine's scheduler thread, which the
+    profiler does not follow, so a CPU dry run prints an empty table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        call()
+        sync(dev)
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=rows, max_name_column_width=70))
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -193,6 +216,8 @@ def main() -> None:
     ap.add_argument("--configs", default="default", help=f"braid columns, comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    ap.add_argument("--profile", choices=["decode", "offline", "offline prefill", "prefix", "suffixes alone"],
+                    help="after the timings, profile one run of this workload on the first braid column")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an engine option for every braid column, e.g. --set chunked_prefill_size=8192")
     a = ap.parse_args()
@@ -223,6 +248,9 @@ def main() -> None:
                 print(f"captured {len(graphs.sizes)} decode graphs in {graphs.capture_seconds:.1f} s", flush=True)
             vocab = eng.vocab_size
             columns[label] = braid_runs(eng, shapes, workloads, vocab)
+            if a.profile and config == configs[0]:
+                print(f"profile of one '{a.profile}' run, {label}:", flush=True)
+                profile_run(braid_calls(eng, shapes, vocab)[a.profile], dev)
             kv = eng.runner.kv
             floor = floors(eng.runner.model, sum(t[0].nbytes for t in (*kv.k, *kv.v)), shapes, bw, tflops)
             print(label, columns[label], flush=True)
