@@ -1,6 +1,7 @@
 """Decode under CUDA graphs against the eager forward (the reference): logits on fresh random
 KV contents and request tables at captured and padded batch sizes, and whole greedy runs whose
-batch shrinks through graph sizes and past the largest one. Skipped without CUDA."""
+batch shrinks through graph sizes and past the largest one; capture on reused (poisoned)
+memory; and an overlapped decode step that never waits for the GPU. Skipped without CUDA."""
 
 from __future__ import annotations
 
