@@ -88,9 +88,10 @@ def utf8_prefix(b: bytes) -> str:
     return ""
 
 
-def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    """``(rows, ceil(V / 32))`` int32, every token allowed."""
-    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+def allocate_bitmask(rows: int, vocab_size: int, pin: bool = False) -> torch.Tensor:
+    """``(rows, ceil(V / 32))`` int32, every token allowed; ``pin``: in pinned host memory, so
+    that its copy to a CUDA device is queued without a host-side copy first."""
+    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32, pin_memory=pin)
 
 
 def fill_bitmasks(matchers: list[Matcher], bitmask: torch.Tensor) -> None:

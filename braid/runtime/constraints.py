@@ -48,8 +48,12 @@ _REGEX_META = frozenset("\\.^$|?*+()[]{}")
 class Constraints:
     """Owned by the Engine; the backend (and its tokenizer tables) is built on first use."""
 
-    def __init__(self, backend_name: str, tokenizer, vocab_size: int, compile_timeout_s: float = 10.0) -> None:
+    def __init__(self, backend_name: str, tokenizer, vocab_size: int, compile_timeout_s: float = 10.0,
+                 pin_masks: bool = False) -> None:
+        """``pin_masks`` (logits on CUDA): the step's masks are built in pinned memory, on the
+        mask thread, so the main thread's copy to the device is queued at once."""
         check_backend_names(backend_name)  # unknown names fail at engine start
+        self.pin_masks = pin_masks
         self.backend_name = backend_name
         self.compile_timeout_s = compile_timeout_s
         self.tokenizer = tokenizer
@@ -116,7 +120,7 @@ class Constraints:
 
     def _build_masks(self, reqs: list) -> tuple[list[int], list[int], torch.Tensor]:
         rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        bitmask = allocate_bitmask(len(rows), self.vocab_size)
+        bitmask = allocate_bitmask(len(rows), self.vocab_size, pin=self.pin_masks)
         fill_bitmasks([reqs[i].matcher for i in rows], bitmask)
         bans = [self.ban_words(reqs[i].params) for i in rows]
         bitmask &= bans[0] if all(b is bans[0] for b in bans) else torch.stack(bans)

@@ -62,7 +62,8 @@ class Engine:
         self.model_folder = folder
         try:
             self.constraints = Constraints(self.config.grammar_backend, self.tokenizer,
-                                           self.runner.info.vocab_size, self.config.grammar_compile_timeout)
+                                           self.runner.info.vocab_size, self.config.grammar_compile_timeout,
+                                           pin_masks=self.runner.device.type == "cuda")
             self.scheduler = Scheduler(self.config, self.runner, self.tokenizer, self.constraints, self._deliver)
         except BaseException:
             if self._tp_workers is not None:  # no forward ran yet: the workers can be told to stop

@@ -21,7 +21,8 @@ def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.T
     A plain copy from pageable host memory makes the host wait until the stream has finished
     everything queued before it (the previous step's forward, with the overlap scheduler), so
     the GPU idles while the next step is launched. From pinned memory the copy is queued like a
-    kernel; PyTorch's pinned-block cache keeps the block alive until the copy has run.
+    kernel; PyTorch's pinned-block cache keeps the block alive until the copy has run. A host
+    tensor that is pinned already (the grammar masks) is not copied again.
     """
     host = torch.as_tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import braid as bd
+from braid.runtime.sampling_params import SamplingParams
 from tests.engine_helpers import make_engine_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -35,3 +36,18 @@ def test_cuda_constrained_batch(tmp_path):
         assert o["meta_info"]["valid"], o
         assert set(json.loads(o["text"])) == {"a", "b"}
     assert all(len(o["output_ids"]) == 8 for o in outs[32:])
+
+
+def test_masks_are_built_in_pinned_memory(tmp_path):
+    """The step's bitmask is filled in pinned memory on the mask thread, so the main thread
+    queues its copy without first copying it on the host (memory.to_device)."""
+    folder = make_engine_model("llama", tmp_path)
+    with bd.Engine(model_path=folder, device="cuda", dtype="bfloat16") as eng:
+        params = {"temperature": 0, "max_new_tokens": 8, "json_schema": SCHEMA}
+        assert eng.generate(prompt="x", sampling_params=params)["meta_info"]["valid"]
+        constraints = eng.constraints
+        parsed = SamplingParams.from_dict(params)
+        req = type("Req", (), {"matcher": constraints.matcher(parsed), "params": parsed})()
+        _, rows, bitmask = constraints._build_masks([req])
+    assert constraints.pin_masks and rows == [0]
+    assert bitmask.is_pinned()
