@@ -43,7 +43,7 @@ def test_masks_are_built_in_pinned_memory(tmp_path):
     queues its copy without first copying it on the host (memory.to_device)."""
     folder = make_engine_model("llama", tmp_path)
     with bd.Engine(model_path=folder, device="cuda", dtype="bfloat16") as eng:
-        params = {"temperature": 0, "max_new_tokens": 8, "json_schema": SCHEMA}
+        params = {"temperature": 0, "max_new_tokens": 40, "json_schema": SCHEMA}
         assert eng.generate(prompt="x", sampling_params=params)["meta_info"]["valid"]
         constraints = eng.constraints
         parsed = SamplingParams.from_dict(params)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from braid.errors import InvalidRequestError, UnknownNameError
-from braid.grammar import GrammarError, GrammarSpec, allocate_bitmask, create_backend
+from braid.grammar import GrammarError, GrammarSpec, allocate_bitmask, create_backend, fill_bitmasks
 from braid.grammar.regex_check import normalize_regex
 from braid.grammar.vocab import token_bytes
 
@@ -130,6 +130,34 @@ def test_both_backends_give_the_same_masks_along_random_walks(backends, hf_tok, 
             if tok in STOPS:
                 assert all(m.is_terminated() for m in matchers.values())
                 break
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_batch_fill_gives_the_masks_of_row_by_row_fills(backends, hf_tok, name):
+    """``fill_bitmasks`` (a backend's ``fill_batch`` on its thread pool, where it has one) against
+    one ``fill_bitmask`` per row, on matchers left at random points of random walks: mid-string,
+    complete (only a stop token may follow) and terminated, into rows of a dirty bitmask."""
+    backend = backends[name]
+    vocab = len(hf_tok)
+    compiled = backend.compile(SPECS[2])
+    rng = random.Random(7)
+    matchers = []
+    for i in range(12):
+        m = backend.matcher(compiled)
+        for _ in range(rng.randrange(40) if i > 1 else 100):
+            choices = sorted(allowed(m, vocab))
+            if not choices:
+                break
+            tok = rng.choice([t for t in choices if t not in STOPS] or choices) if i else rng.choice(choices)
+            assert m.accept_token(tok)
+        matchers.append(m)
+    assert any(m.is_terminated() for m in matchers) and not all(m.is_terminated() for m in matchers)
+    batch = torch.randint(-(2**31), 2**31 - 1, (len(matchers), allocate_bitmask(1, vocab).shape[1]), dtype=torch.int32)
+    fill_bitmasks(matchers, batch)
+    for j, m in enumerate(matchers):
+        row = allocate_bitmask(1, vocab)
+        m.fill_bitmask(row, 0)
+        assert torch.equal(batch[j], row[0]), f"row {j} differs"
 
 
 @pytest.mark.parametrize("name", BACKENDS)
