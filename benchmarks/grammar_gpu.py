@@ -48,8 +48,47 @@ def timed(fn) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float]:
-    """(seconds per step unconstrained, seconds per step constrained) for ``batch`` rows."""
+class HostClock:
+    """Scheduler-thread time per decode step that is not spent waiting for the GPU: the time
+    inside ``Scheduler.step`` minus the waits for in-flight tokens. When it reaches the step
+    time, the host, not the GPU, sets the pace, and any host work (mask fills) adds to it."""
+
+    def __init__(self, eng) -> None:
+        from braid.runtime import scheduler
+
+        self.busy = self.waits = 0.0
+        sched, in_flight = eng.scheduler, scheduler.InFlight
+        step, token_list = sched.step, in_flight.token_list
+
+        def timed_step():
+            t0 = time.perf_counter()
+            try:
+                step()
+            finally:
+                self.busy += time.perf_counter() - t0
+
+        def timed_tokens(flight):
+            t0 = time.perf_counter()
+            try:
+                return token_list(flight)
+            finally:
+                self.waits += time.perf_counter() - t0
+
+        sched.step, in_flight.token_list = timed_step, timed_tokens
+        self._undo = lambda: (delattr(sched, "step"), setattr(in_flight, "token_list", token_list))
+
+    def take(self) -> float:
+        """Busy seconds since the last take."""
+        busy, self.busy, self.waits = self.busy - self.waits, 0.0, 0.0
+        return busy
+
+    def close(self) -> None:
+        self._undo()
+
+
+def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float, float, float]:
+    """Seconds per step unconstrained and constrained for ``batch`` rows, then the scheduler
+    thread's busy seconds per step for each (HostClock)."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, vocab, (batch, 32), generator=g).tolist()
     free = {"max_new_tokens": n_out, "temperature": 0, "ignore_eos": True}
@@ -62,12 +101,20 @@ def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float]
         return max(o["meta_info"]["completion_tokens"] for o in outs)
 
     per_step = {"free": [], "tied": []}
-    for _ in range(MASK_ROUNDS):  # interleaved: the host's launch speed drifts over seconds
-        for label, params in (("free", free), ("tied", tied)):
-            t0 = time.perf_counter()
-            steps = run(params)
-            per_step[label].append((time.perf_counter() - t0) / steps)
-    return statistics.median(per_step["free"]), statistics.median(per_step["tied"])
+    host = {"free": [], "tied": []}
+    clock = HostClock(eng)
+    try:
+        for _ in range(MASK_ROUNDS):  # interleaved: the host's launch speed drifts over seconds
+            for label, params in (("free", free), ("tied", tied)):
+                clock.take()
+                t0 = time.perf_counter()
+                steps = run(params)
+                per_step[label].append((time.perf_counter() - t0) / steps)
+                host[label].append(clock.take() / steps)
+    finally:
+        clock.close()
+    return (statistics.median(per_step["free"]), statistics.median(per_step["tied"]),
+            statistics.median(host["free"]), statistics.median(host["tied"]))
 
 
 def jump_rows(eng, n_out: int) -> dict[str, tuple[float, int, int]]:
@@ -138,10 +185,11 @@ def main() -> None:
     floor_step = weights / (bw * 1e9)
     name = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
     print(f"{name}: copy {bw:.0f} GB/s, weights {weights / 1e9:.2f} GB, floor {floor_step * 1e3:.2f} ms/step")
-    print(f"{'backend':>9} {'batch':>5} {'free ms/step':>13} {'masked ms/step':>15} {'overhead':>9} {'free/floor':>11}")
-    for (backend, b), (free, tied) in mask.items():
+    print(f"{'backend':>9} {'batch':>5} {'free ms/step':>13} {'masked ms/step':>15} {'overhead':>9} {'free/floor':>11}"
+          f" {'host busy ms/step free / masked':>32}")  # fmt: skip
+    for (backend, b), (free, tied, host_free, host_tied) in mask.items():
         print(f"{backend:>9} {b:>5} {free * 1e3:>13.2f} {tied * 1e3:>15.2f} {tied / free - 1:>9.1%} "
-              f"{floor_step / free:>11.1%}")
+              f"{floor_step / free:>11.1%} {host_free * 1e3:>16.2f} / {host_tied * 1e3:.2f}")
     if jumps:
         print(f"\njump-forward, batch 1, schema with {len(_KEYS)} long fixed keys, greedy:")
     for backend, rows in jumps.items():
