@@ -46,8 +46,8 @@ class LLGuidanceMatcher:
     @staticmethod
     def fill_batch(matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         """Fill ``bitmask[rows[k]]`` for ``matchers[k]``: the rows still parsing on llguidance's
-        thread pool (GIL released), the finished ones here. One at a time, 64 rows of a JSON
-        string field took 0.7 ms of the scheduler thread per step (docs/benchmarks.md)."""
+        thread pool, the finished ones here. One at a time, 64 rows inside a JSON string took
+        0.3 ms of the scheduler thread per step on a 2-core CPU (docs/benchmarks.md)."""
         assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
         live = []
         for m, r in zip(matchers, rows):
@@ -87,7 +87,7 @@ class LLGuidanceMatcher:
 def _executor():
     import llguidance
 
-    return llguidance.LLExecutor()  # a thread per core by default
+    return llguidance.LLExecutor()  # 80% of the CPUs, at most 32 threads (llguidance's default)
 
 
 class LLGuidanceBackend:
