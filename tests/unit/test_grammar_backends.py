@@ -161,6 +161,37 @@ def test_a_batch_fill_gives_the_masks_of_row_by_row_fills(backends, hf_tok, name
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_a_model_wider_than_its_tokenizer_gets_the_same_masks(backends, hf_tok, name):
+    """Logits wider than the tokenizer (a padded embedding, or this repo's GPU benchmark model:
+    128,256 logits over a 49,152-token tokenizer): the ids past the tokenizer are never allowed,
+    and every other bit is what the exact-width backend gives, filled row by row or together."""
+    vocab = len(hf_tok)
+    wide = vocab + 1000 + 7  # not a multiple of 32
+    narrow_backend, wide_backend = backends[name], create_backend(name, hf_tok, wide, STOPS)
+    narrow_m = narrow_backend.matcher(narrow_backend.compile(SPECS[2]))
+    wide_ms = [wide_backend.matcher(wide_backend.compile(SPECS[2])) for _ in range(2)]
+    rng = random.Random(3)
+    for _step in range(30):
+        expect = allocate_bitmask(1, wide)
+        expect.zero_()
+        narrow_m.fill_bitmask(expect[:, : allocate_bitmask(1, vocab).shape[1]], 0)
+        rows = torch.randint(-(2**31), 2**31 - 1, (2, expect.shape[1]), dtype=torch.int32)
+        wide_ms[0].fill_bitmask(rows, 0)
+        fill_bitmasks(wide_ms[1:], rows[1:])
+        assert torch.equal(rows[0], expect[0]) and torch.equal(rows[1], expect[0])
+        batch_fill = getattr(type(wide_ms[0]), "fill_batch", None)
+        if batch_fill is not None:  # rows apart, as when a fallback order mixes backends in one batch
+            spread = torch.randint(-(2**31), 2**31 - 1, (3, expect.shape[1]), dtype=torch.int32)
+            batch_fill(wide_ms, spread, [2, 0])
+            assert torch.equal(spread[2], expect[0]) and torch.equal(spread[0], expect[0])
+        choices = sorted(allowed(narrow_m, vocab))
+        tok = rng.choice([t for t in choices if t not in STOPS] or choices)
+        assert narrow_m.accept_token(tok) and all(m.accept_token(tok) for m in wide_ms)
+        if tok in STOPS:
+            break
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_matcher_contract(backends, hf_tok, name):
     backend = backends[name]
     m = backend.matcher(backend.compile(GrammarSpec("regex", "(ab|cd)[0-9]")))
