@@ -48,6 +48,18 @@ def breakdown(eng, batch: int, n_in: int, steps: int) -> tuple[float, float]:
     return total, spent[0] / steps
 
 
+def detach_scheduler(eng) -> None:
+    """Stop the engine's scheduler thread, keeping the engine (its model stays on the device),
+    so this thread can drive ``scheduler.step()`` itself."""
+    from braid.runtime.messages import FlushCache
+
+    eng.scheduler._stop = True
+    eng.scheduler.inbox.put(FlushCache())  # wakes the loop, which then sees _stop
+    eng._thread.join(timeout=30)
+    assert not eng._thread.is_alive(), "the scheduler thread did not stop"
+    eng.scheduler._stop = False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -59,8 +71,7 @@ def main() -> None:
     import braid as bd
 
     eng = bd.Engine(model_path=a.model, device=a.device, dtype=a.dtype, context_len=4096)
-    eng.shutdown()  # drive the scheduler from this thread
-    eng.scheduler._stop = False
+    detach_scheduler(eng)
     print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'scheduler ms':>13} {'tok/s':>8}")
     for b in [int(x) for x in a.batches.split(",")]:
         total, fwd = breakdown(eng, b, 128, a.steps)
