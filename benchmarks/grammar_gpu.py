@@ -1,7 +1,7 @@
 """Constrained decoding on the GPU: the per-step cost of grammar masking, and what jump-forward
 buys, on a random Llama-3.1-8B-shaped bf16 model (SmolLM2's tokenizer, so the grammars are real).
 
-    python -m benchmarks.grammar_gpu [--model DIR] [--batches 1,16,64] [--backends xgrammar,outlines]
+    python -m benchmarks.grammar_gpu [--model DIR] [--batches 1,16,64] [--backends xgrammar,outlines] [--profile-host]
 
 (1) Masking cost: `batch` requests decode `out` tokens greedily, unconstrained (ignore_eos) and
     under a JSON schema whose one string field outlasts `out` (jump-forward off, so every step
@@ -16,7 +16,9 @@ The floor is the time to read the weights once at the copy bandwidth measured in
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 
@@ -57,14 +59,20 @@ class HostClock:
         from braid.runtime import scheduler
 
         self.busy = self.waits = 0.0
+        self.profile: cProfile.Profile | None = None  # set: the steps run under it
         sched, in_flight = eng.scheduler, scheduler.InFlight
         step, token_list = sched.step, in_flight.token_list
 
         def timed_step():
             t0 = time.perf_counter()
+            prof = self.profile
+            if prof is not None:
+                prof.enable()  # on the scheduler thread, which cProfile follows only from here
             try:
                 step()
             finally:
+                if prof is not None:
+                    prof.disable()
                 self.busy += time.perf_counter() - t0
 
         def timed_tokens(flight):
@@ -86,9 +94,10 @@ class HostClock:
         self._undo()
 
 
-def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float, float, float]:
+def masking_rows(eng, batch: int, n_out: int, vocab: int, profile: bool = False) -> tuple[float, float, float, float]:
     """Seconds per step unconstrained and constrained for ``batch`` rows, then the scheduler
-    thread's busy seconds per step for each (HostClock)."""
+    thread's busy seconds per step for each (HostClock). ``profile``: then print the scheduler
+    thread's functions in one more masked run, most time first."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, vocab, (batch, 32), generator=g).tolist()
     free = {"max_new_tokens": n_out, "temperature": 0, "ignore_eos": True}
@@ -111,6 +120,11 @@ def masking_rows(eng, batch: int, n_out: int, vocab: int) -> tuple[float, float,
                 steps = run(params)
                 per_step[label].append((time.perf_counter() - t0) / steps)
                 host[label].append(clock.take() / steps)
+        if profile:
+            clock.profile = cProfile.Profile()
+            run(tied)
+            print(f"scheduler thread, one masked run at batch {batch}:")
+            pstats.Stats(clock.profile).sort_stats("tottime").print_stats(25)
     finally:
         clock.close()
     return (statistics.median(per_step["free"]), statistics.median(per_step["tied"]),
@@ -161,6 +175,8 @@ def main() -> None:
     ap.add_argument("--out-tokens", type=int, default=64)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-jump", action="store_true", help="masking cost only")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="profile the scheduler thread in a masked run at the largest batch")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
     a = ap.parse_args()
     dev = torch.device("cpu" if a.dry_run else "cuda")
@@ -176,7 +192,8 @@ def main() -> None:
                        max_total_tokens=20000 if a.dry_run else None) as eng:
             weights = param_bytes(eng.runner.model)
             for b in batches:
-                mask[backend, b] = masking_rows(eng, b, a.out_tokens, eng.vocab_size)
+                mask[backend, b] = masking_rows(eng, b, a.out_tokens, eng.vocab_size,
+                                                profile=a.profile_host and b == max(batches))
             if not a.skip_jump:
                 jumps[backend] = jump_rows(eng, 160)
         if dev.type == "cuda":
