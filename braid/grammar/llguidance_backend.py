@@ -9,7 +9,6 @@ other backends.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import re
@@ -25,7 +24,10 @@ MIN_VERSION = (1, 9)  # also in pyproject.toml's llguidance extra
 
 class LLGuidanceMatcher:
     """llguidance stops by itself once nothing but EOS can follow; braid's contract ends a
-    matcher only when a stop token is taken, so that step is tracked here."""
+    matcher only when a stop token is taken, so that step is tracked here.
+
+    Rows are filled one at a time: llguidance's own thread pool (``LLExecutor``) was tried for a
+    step's rows and measured slower on the H100 host (4.7 ms a step at batch 64, docs/benchmarks.md)."""
 
     def __init__(self, matcher, stop_ids: frozenset[int]) -> None:
         self._m = matcher
@@ -42,21 +44,6 @@ class LLGuidanceMatcher:
             set_token_bits(words, self._stops, allowed=True)
         else:
             self._m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-
-    @staticmethod
-    def fill_batch(matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
-        """Fill ``bitmask[rows[k]]`` for ``matchers[k]``: the rows still parsing on llguidance's
-        thread pool, the finished ones here. One at a time, 64 rows inside a JSON string took
-        0.3 ms of the scheduler thread per step on a 2-core CPU (docs/benchmarks.md)."""
-        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
-        live = []
-        for m, r in zip(matchers, rows):
-            if m.is_terminated() or m._m.is_stopped():
-                m.fill_bitmask(bitmask, r)
-            else:
-                live.append((m._m, r))
-        if live:
-            _executor().unsafe_compute_mask_ptr(live, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
     def accept_token(self, token_id: int) -> bool:
         if self.is_terminated():
@@ -81,13 +68,6 @@ class LLGuidanceMatcher:
 
     def forced_string(self) -> str:
         return "" if self._m.is_stopped() else utf8_prefix(self._m.compute_ff_bytes())
-
-
-@functools.cache
-def _executor():
-    import llguidance
-
-    return llguidance.LLExecutor()  # 80% of the CPUs, at most 32 threads (llguidance's default)
 
 
 class LLGuidanceBackend:
