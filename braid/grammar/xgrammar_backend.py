@@ -34,10 +34,12 @@ class XGrammarMatcher:
     @staticmethod
     def fill_batch(matchers: list[XGrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         """Fill ``bitmask[rows[k]]`` for ``matchers[k]``, on xgrammar's thread pool."""
-        live = [(m, r) for m, r in zip(matchers, rows) if not m._m.is_terminated()]
+        live = []
         for m, r in zip(matchers, rows):
             if m._m.is_terminated():
                 bitmask[r].zero_()
+            else:
+                live.append((m, r))
         if not live:
             return
         words = live[0][0]._words

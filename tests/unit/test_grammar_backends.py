@@ -16,6 +16,7 @@ import torch
 
 from braid.errors import InvalidRequestError, UnknownNameError
 from braid.grammar import GrammarError, GrammarSpec, allocate_bitmask, create_backend, fill_bitmasks
+from braid.grammar.base import bitmask_words
 from braid.grammar.regex_check import normalize_regex
 from braid.grammar.vocab import token_bytes
 
@@ -152,7 +153,7 @@ def test_a_batch_fill_gives_the_masks_of_row_by_row_fills(backends, hf_tok, name
             assert m.accept_token(tok)
         matchers.append(m)
     assert any(m.is_terminated() for m in matchers) and not all(m.is_terminated() for m in matchers)
-    batch = torch.randint(-(2**31), 2**31 - 1, (len(matchers), allocate_bitmask(1, vocab).shape[1]), dtype=torch.int32)
+    batch = torch.randint(-(2**31), 2**31 - 1, (len(matchers), bitmask_words(vocab)), dtype=torch.int32)
     fill_bitmasks(matchers, batch)
     for j, m in enumerate(matchers):
         row = allocate_bitmask(1, vocab)
@@ -174,7 +175,7 @@ def test_a_model_wider_than_its_tokenizer_gets_the_same_masks(backends, hf_tok, 
     for _step in range(30):
         expect = allocate_bitmask(1, wide)
         expect.zero_()
-        narrow_m.fill_bitmask(expect[:, : allocate_bitmask(1, vocab).shape[1]], 0)
+        narrow_m.fill_bitmask(expect[:, : bitmask_words(vocab)], 0)
         rows = torch.randint(-(2**31), 2**31 - 1, (2, expect.shape[1]), dtype=torch.int32)
         wide_ms[0].fill_bitmask(rows, 0)
         fill_bitmasks(wide_ms[1:], rows[1:])
