@@ -11,7 +11,11 @@ bandwidth; for extend, its FLOPs at the bf16 matmul rate. L2 is flushed before e
 
 The shared-prefix decode case answers one question directly: when 64 requests share 2,000
 tokens of KV slots, does the kernel pay for 64 reads of the prefix (time near the "distinct"
-case) or about one (L2 serves the repeats)? The floor column gives both byte counts.
+case) or about one (L2 serves the repeats)? The floor column gives both byte counts. The
+"cascade" lines run the same decode with cascade attention (the shared prefix read once per KV
+head, then each request's own keys, merged): on the shared case with the engine's split counts,
+and on the unshared cases as a CUDA graph runs it when nothing is shared (an empty prefix pass
+sized for 4,096-token prefixes, plus the reduce), which is its cost to batches that share nothing.
 """
 
 from __future__ import annotations
@@ -104,6 +108,22 @@ def decode_case(name, batch, length, shared, splits, device, bw, flush) -> None:
         mark = " (auto)" if s == auto else ""
         print(f"{name:<34} splits {s:>2}{mark:<7} braid {us:8.1f} us   sdpa {peer:8.1f} us   "
               f"floor {floors} us   braid reads {all_bytes / us / 1e3:7.0f} GB/s")  # fmt: skip
+    # cascade: the engine's split counts for this batch (eager), or a graph's when nothing is shared
+    shared_lens = torch.full((batch,), shared, device=device, dtype=torch.int32)
+    sms = attn.num_sms(device)
+    own = attn.decode_splits(batch, HKV, length - shared if shared else 4096, sms)
+    pre = attn.prefix_splits(batch, HQ // HKV, HKV, shared or 4096, sms, block_m=16 if device.type == "cpu" else 64)
+
+    def cascade() -> torch.Tensor:
+        return attn.decode_attention_triton(q, k_cache, v_cache, rows, req_rows, seq_lens, scale, None,
+                                            num_splits=own, shared_lens=shared_lens, prefix_splits=pre,
+                                            block_m=16 if device.type == "cpu" else 64)  # fmt: skip
+
+    check(name + " cascade", cascade(), ours)
+    us = time_us(cascade, flush)
+    floor = floor_unique if shared else floor_all
+    print(f"{name:<34} cascade {own:>2}+{pre:<2}    braid {us:8.1f} us   floor {floor:8.1f} us"
+          f"{' unique' if shared else ''}   braid reads {(unique_bytes if shared else all_bytes) / us / 1e3:7.0f} GB/s")
 
 
 def extend_case(name, extend_lens, prefix, device, rate, flush) -> None:

@@ -50,6 +50,9 @@ class EngineConfig:
     context_len: int | None = _opt(None, "max tokens per request (prompt + output); unset = the model's limit")
     disable_radix_cache: bool = _opt(False, "turn prefix caching off")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA graphs (GPU only)")
+    disable_cascade_attention: bool = _opt(
+        False, "decode: read a prefix the batch shares once per step per KV head, not once per request (triton)"
+    )
     cuda_graph_max_bs: int = _opt(256, "largest decode batch captured as a CUDA graph; larger batches run eagerly")
     disable_overlap_schedule: bool = _opt(
         False, "CUDA: take each decode step's tokens on the host before launching the next step, not while it runs"

@@ -6,15 +6,20 @@ per batch size and replaying it costs one launch per step.
 
 What makes a decode forward capturable (and what this module relies on):
 
-- Inputs live in static buffers (:class:`DecodeInputs`): token ids, positions, request rows and
-  sequence lengths are copied in before each replay, one host-to-device copy for all four. The
-  new tokens' KV slots are gathered inside the graph from the request table.
+- Inputs live in static buffers (:class:`DecodeInputs`): token ids, positions, request rows,
+  sequence lengths and shared-prefix lengths are copied in before each replay, one
+  host-to-device copy for all five. The new tokens' KV slots are gathered inside the graph from
+  the request table.
 - A batch of ``b`` requests replays the graph of the smallest captured size ``>= b``; the
   padding rows point at the table's padding row (all zeros: position 0 is KV slot 0, the pool's
   padding slot), so they write their K/V to slot 0 and read only it. Their logits are dropped.
 - The decode attention kernel sizes its launch for the longest sequence the graph may ever
   see (``ForwardBatch.decode_max_keys`` = the context length); each split finds its key range
   from the sequence length on the device, so the same launch is right for every replay.
+- Cascade attention: graphs of at least ``cascade_min_batch`` rows are captured with the prefix
+  pass, sized like the decode launch for prefixes up to the context length; a batch that shares
+  nothing passes 0s and the pass reads no key. Smaller graphs (a prefix shared by a handful of
+  requests saves little) never run it, and ignore the column.
 - Only the triton attention backend qualifies: the torch reference pads to host-known lengths.
 
 Graphs share one memory pool and are captured largest first, so the smaller ones reuse its
@@ -46,31 +51,33 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 def stage_columns(stage: torch.Tensor, columns: list[list[int]], padding_row: int) -> None:
-    """Write one decode batch's host columns into ``stage`` ``(4, padded)``; the rows past the
-    batch become padding rows: token 0 at position 0 of the padding row, one key."""
+    """Write one decode batch's host columns into ``stage`` ``(5, padded)``; the rows past the
+    batch become padding rows: token 0 at position 0 of the padding row, one key, none shared."""
     bsz = len(columns[0])
     stage[:, :bsz] = torch.tensor(columns, dtype=torch.int64)
     if stage.shape[1] > bsz:
-        stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1]], dtype=torch.int64)
+        stage[:, bsz:] = torch.tensor([[0], [0], [padding_row], [1], [0]], dtype=torch.int64)
 
 
 def static_decode_batch(block: torch.Tensor, logits_rows: torch.Tensor, table: torch.Tensor, size: int,
-                        max_keys: int) -> ForwardBatch:  # fmt: skip
+                        max_keys: int, cascade: bool = False) -> ForwardBatch:  # fmt: skip
     """The ForwardBatch a graph of ``size`` rows runs: views of the input ``block`` (token ids,
-    positions, rows, lengths), the new tokens' KV slots gathered from the request ``table``, and
-    attention sized for ``max_keys`` keys."""
-    ids, positions, rows, seq_lens = (block[c, :size] for c in range(DecodeInputs.COLUMNS))
+    positions, rows, lengths, shared lengths), the new tokens' KV slots gathered from the
+    request ``table``, and attention sized for ``max_keys`` keys; with ``cascade``, the prefix
+    pass of cascade attention reads the shared lengths."""
+    ids, positions, rows, seq_lens, shared = (block[c, :size] for c in range(DecodeInputs.COLUMNS))
     return ForwardBatch(
         mode=ForwardMode.DECODE, input_ids=ids, positions=positions, out_slots=table[rows, positions],
         req_rows=rows, seq_lens=seq_lens, prefix_lens_cpu=[0] * size, extend_lens_cpu=[1] * size,
         seq_lens_cpu=[1] * size, logits_rows=logits_rows[:size], req_to_token=table, decode_max_keys=max_keys,
+        shared_lens=shared if cascade else None,
     )  # fmt: skip
 
 
 class DecodeInputs:
     """Static device buffers a captured decode reads, and a pinned host staging block."""
 
-    COLUMNS = 4  # token ids, positions, request rows, sequence lengths
+    COLUMNS = 5  # token ids, positions, request rows, sequence lengths, shared-prefix lengths
 
     def __init__(self, max_batch: int, device: torch.device) -> None:
         self.block = torch.zeros(self.COLUMNS, max_batch, dtype=torch.int64, device=device)
@@ -103,7 +110,8 @@ class DecodeGraphs:
 
     ``forward(batch)`` is the model's eager forward; it must only launch device work (no host
     sync) for a DECODE batch. ``table`` is the request table every replay reads; ``max_keys``
-    is the longest sequence a request may reach (the context length)."""
+    is the longest sequence a request may reach (the context length). Sizes of at least
+    ``cascade_min_batch`` are captured with cascade attention's prefix pass (None: none are)."""
 
     def __init__(
         self,
@@ -113,8 +121,10 @@ class DecodeGraphs:
         max_keys: int,
         max_batch: int,
         device: torch.device,
+        cascade_min_batch: int | None = None,
     ) -> None:
         self.forward = forward
+        self.cascade_min_batch = cascade_min_batch
         self.table = table
         self.padding_row = padding_row
         self.max_keys = max_keys
@@ -137,7 +147,9 @@ class DecodeGraphs:
 
     def static_batch(self, size: int) -> ForwardBatch:
         """The ForwardBatch a graph of ``size`` rows is captured with: views of the buffers."""
-        return static_decode_batch(self.inputs.block, self.inputs.logits_rows, self.table, size, self.max_keys)
+        cascade = self.cascade_min_batch is not None and size >= self.cascade_min_batch
+        return static_decode_batch(self.inputs.block, self.inputs.logits_rows, self.table, size, self.max_keys,
+                                   cascade)  # fmt: skip
 
     def _capture_all(self, device: torch.device) -> None:
         start = time.perf_counter()
@@ -164,7 +176,8 @@ class DecodeGraphs:
 
     def replay(self, columns: list[list[int]], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, vocab)`` for one decode batch given as host columns (token ids,
-        positions, request rows, sequence lengths after this step), B <= max_batch; the token
+        positions, request rows, sequence lengths after this step, shared-prefix lengths),
+        B <= max_batch; the token
         ids come from ``input_ids`` on the device instead when given."""
         bsz = len(columns[0])
         size = self.padded_size(bsz)

@@ -21,6 +21,12 @@ CPU_DEFAULT_TOTAL_TOKENS = 16384
 # cuDNN's SDPA failed on an H200 for some masked extend shapes ("mha_graph.execute ... is_good()",
 # torch 2.11) and builds a graph per new shape; the other kernels take every shape braid sends.
 SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Cascade attention (a decode batch's shared prefix read once): used where the prefix saves at
+# least CASCADE_MIN_SAVED key reads a step, and captured into the CUDA graphs of at least
+# CASCADE_MIN_BATCH rows (an empty prefix pass still costs a launch per layer). Heuristics: a
+# prefix pass costs about one small launch, i.e. a few MB of KV reads on an H100.
+CASCADE_MIN_SAVED = 2048
+CASCADE_MIN_BATCH = 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,7 +87,15 @@ class ModelRunner:
         if self.tp.enabled:  # rank 0 announces each forward to the other ranks; a replay would not
             return
         max_batch = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
-        self.graphs = DecodeGraphs(self.forward, table, padding_row, self.memory.context_len, max_batch, self.device)
+        cascade = None if cfg.disable_cascade_attention else CASCADE_MIN_BATCH
+        self.graphs = DecodeGraphs(self.forward, table, padding_row, self.memory.context_len, max_batch, self.device,
+                                   cascade)  # fmt: skip
+
+    @property
+    def uses_cascade(self) -> bool:
+        """Whether decode batches should look for a shared prefix: only the triton backend reads it,
+        and not under tensor parallelism (the batch the other ranks receive carries no prefix)."""
+        return self.attention_backend == "triton" and not self.config.disable_cascade_attention and not self.tp.enabled
 
     def release(self) -> None:
         """Drop the weights and the KV pool (the engine has shut down), and return the memory."""

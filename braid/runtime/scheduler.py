@@ -24,13 +24,13 @@ import torch
 
 from braid.config import EngineConfig
 from braid.radix_cache import RadixCache
-from braid.runtime.batch import build_extend_batch, decode_columns
+from braid.runtime.batch import SharedPrefixes, build_extend_batch, decode_columns
 from braid.runtime.constraints import Constraints
 from braid.runtime.detokenizer import IncrementalDecoder
 from braid.runtime.kv_manager import KVManager
 from braid.runtime.memory import to_device
 from braid.runtime.messages import AbortRequest, AddBatch, AddRequest, FlushCache, GetStats, RequestOutput, Shutdown
-from braid.runtime.model_runner import ModelRunner
+from braid.runtime.model_runner import CASCADE_MIN_SAVED, ModelRunner
 from braid.runtime.outputs import PROMPT_TAIL, OutputProcessor
 from braid.runtime.policy import POLICIES
 from braid.runtime.request import FinishReason, Req
@@ -96,6 +96,8 @@ class Scheduler:
         # the host's bookkeeping runs while the GPU computes (docs/architecture.md, "Overlap").
         self.overlap = runner.device.type == "cuda" and not config.disable_overlap_schedule
         self.in_flight: InFlight | None = None
+        # cascade attention: the prefix each decode batch shares (all 0s where it is not used)
+        self.shared_prefixes = SharedPrefixes(CASCADE_MIN_SAVED) if runner.uses_cascade else None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0}
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class Scheduler:
         # the grammar masks are filled on the mask thread while this thread launches the forward
         masks = self.outputs.constraints.prepare_masks([r for r in reqs if r.remaining_new_tokens > 0])
         if plain:
-            logits = self.runner.decode(decode_columns(reqs), self.kv.req_pool.table)
+            logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table)
         else:
             fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
             logits = self.runner.forward(fb)[plan.sample_rows]
@@ -314,6 +316,9 @@ class Scheduler:
             req.kv_len += req.extend_len
             req.extend_len = 0
         self._sample_and_advance(reqs, logits, masks, new_to_running=False)
+
+    def _decode_columns(self, reqs: list[Req]) -> list[list[int]]:
+        return decode_columns(reqs, self.shared_prefixes(reqs) if self.shared_prefixes is not None else None)
 
     def _can_overlap(self) -> bool:
         """The next decode can start before the in-flight tokens are taken: a plain decode of
@@ -340,7 +345,7 @@ class Scheduler:
             same = order == list(range(len(prev.reqs)))
             input_ids = prev.tokens if same else prev.tokens[to_device(order, torch.int64, prev.tokens.device)]
         self.kv.extend_decode(reqs)  # a pending token sits at position kv_len, as a sampled one does
-        logits = self.runner.decode(decode_columns(reqs), self.kv.req_pool.table, input_ids)
+        logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table, input_ids)
         for req in reqs:
             req.kv_len += 1
         if prev is not None:

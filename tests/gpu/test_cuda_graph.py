@@ -33,28 +33,34 @@ def test_replay_matches_eager_on_random_state(arch, tmp_path):
             buf[1:].normal_(generator=gen)
         cpu = torch.Generator().manual_seed(6)
         vocab = runner.info.vocab_size
+        assert graphs.cascade_min_batch == 8  # graphs of 8 rows and more run cascade attention
         for bsz in (1, 3, 8, 13, 24):
             rows = torch.randperm(table.shape[0] - 1, generator=cpu)[:bsz].tolist()
-            lens = torch.randint(1, 1500, (bsz,), generator=cpu).tolist()
-            for row, n in zip(rows, lens):  # scattered slots, as a long-running pool has them
+            lens = torch.randint(700, 1500, (bsz,), generator=cpu).tolist()
+            # all but the last request share a prefix of 600 slots (only graphs >= 8 read it once)
+            shared = [600] * (bsz - 1) + [0] if bsz > 1 else [0]
+            prefix = torch.randperm(runner.kv.num_slots, generator=cpu)[:600].cuda() + 1
+            for row, n, s in zip(rows, lens, shared):  # scattered slots, as a long-running pool has them
                 table[row, :n] = torch.randperm(runner.kv.num_slots, generator=cpu)[:n].cuda() + 1
+                table[row, :s] = prefix[:s]
             columns = [torch.randint(0, vocab, (bsz,), generator=cpu).tolist(), [n - 1 for n in lens], rows, lens]
-            replayed = graphs.replay(columns).clone()
-            eager = runner.forward(build_decode_batch(columns, table, runner.device))
+            replayed = graphs.replay(columns + [shared]).clone()
+            eager = runner.forward(build_decode_batch(columns + [[0] * bsz], table, runner.device))
             assert replayed.shape == eager.shape == (bsz, vocab)
             torch.testing.assert_close(replayed, eager, atol=2e-4, rtol=1e-4)
         table.zero_()
 
 
 def test_greedy_tokens_same_with_and_without_graphs(tmp_path):
-    folder = make_engine_model("llama", tmp_path)
-    prompts = random_prompts(7, 5, 90, 512, seed=21)
+    folder = make_engine_model("llama", tmp_path, max_position_embeddings=2048)
+    system = random_prompts(1, 1000, 1000, 512, seed=20)[0]  # cascade: 1,000 shared tokens under 6 of 7
+    prompts = [system + p for p in random_prompts(6, 5, 90, 512, seed=21)] + random_prompts(1, 5, 90, 512, seed=22)
     params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 4 + 5 * i} for i in range(7)]
     results = {}
     for disabled in (False, True):
-        # 7 requests, graphs up to 4: eager until 3 finish, then replays of sizes 4, 2 and 1
+        # 7 requests, graphs up to 4: eager (cascade) until 3 finish, then replays of sizes 4, 2 and 1
         with bd.Engine(model_path=folder, device="cuda", dtype="float32", cuda_graph_max_bs=4,
-                       disable_cuda_graph=disabled) as eng:
+                       disable_cuda_graph=disabled, disable_cascade_attention=disabled) as eng:
             assert (eng.runner.graphs is None) == disabled
             results[disabled] = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
             assert eng.get_stats()["at_rest_error"] is None

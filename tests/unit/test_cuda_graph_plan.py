@@ -40,11 +40,14 @@ def test_padding_row_is_never_handed_out_and_maps_to_the_padding_slot():
 
 def test_decode_batch_from_columns():
     table = torch.arange(3 * 10, dtype=torch.int64).view(3, 10)
-    batch = build_decode_batch([[7, 8], [4, 0], [2, 1], [5, 1]], table, torch.device("cpu"))
+    batch = build_decode_batch([[7, 8], [4, 0], [2, 1], [5, 1], [0, 0]], table, torch.device("cpu"))
     assert batch.mode is ForwardMode.DECODE and batch.batch_size == 2
     assert batch.out_slots.tolist() == [24, 10]  # table[row, position]
     assert batch.seq_lens_cpu == [5, 1] and batch.prefix_lens_cpu == [4, 0] and batch.extend_lens_cpu == [1, 1]
     assert batch.logits_rows.tolist() == [0, 1] and batch.decode_max_keys is None
+    assert batch.shared_lens is None and batch.shared_lens_cpu is None  # nothing shared: no cascade
+    shared = build_decode_batch([[7, 8], [4, 3], [2, 1], [5, 4], [3, 3]], table, torch.device("cpu"))
+    assert shared.shared_lens.tolist() == shared.shared_lens_cpu == [3, 3]
 
 
 def test_config_flags():
@@ -67,8 +70,9 @@ def test_no_graphs_on_cpu(tmp_path):
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_the_batch_a_graph_runs_matches_the_eager_decode_batch(monkeypatch, tmp_path, arch):
     """What a graph replay computes, run eagerly through the Triton kernels (interpreted): the
-    static batch with padding rows and attention sized for the whole context, against the
-    eager decode batch, on random KV contents and scattered request tables."""
+    static batch with padding rows, attention sized for the whole context and cascade
+    attention's prefix pass, against the eager decode batch without cascade, on random KV
+    contents and scattered request tables where all but one request share a prefix."""
     import braid as bd
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -80,18 +84,21 @@ def test_the_batch_a_graph_runs_matches_the_eager_decode_batch(monkeypatch, tmp_
         gen = torch.Generator().manual_seed(5)
         for buf in (*runner.kv.k, *runner.kv.v):
             buf[1:].normal_(generator=gen)
-        block = torch.zeros(4, 8, dtype=torch.int64)
+        block = torch.zeros(5, 8, dtype=torch.int64)
         for bsz in (1, 3, 5):
             size = capture_sizes(8)[bisect.bisect_left(capture_sizes(8), bsz)]
             rows = torch.randperm(pool.max_requests, generator=gen)[:bsz].tolist()
-            lens = torch.randint(1, 300, (bsz,), generator=gen).tolist()
-            for row, n in zip(rows, lens):
+            lens = torch.randint(40, 300, (bsz,), generator=gen).tolist()
+            prefix = torch.randperm(runner.kv.num_slots, generator=gen)[:39] + 1
+            shared = [39] * (bsz - 1) + [0] if bsz > 1 else [0]
+            for row, n, s in zip(rows, lens, shared):
                 pool.table[row, :n] = torch.randperm(runner.kv.num_slots, generator=gen)[:n] + 1
+                pool.table[row, :s] = prefix[:s]
             columns = [torch.randint(0, runner.info.vocab_size, (bsz,), generator=gen).tolist(),
-                       [n - 1 for n in lens], rows, lens]
+                       [n - 1 for n in lens], rows, lens, shared]
             stage_columns(block[:, :size], columns, pool.padding_row)
-            static = runner.forward(static_decode_batch(block, torch.arange(8), pool.table, size, 1024))
-            eager = runner.forward(build_decode_batch(columns, pool.table, runner.device))
+            static = runner.forward(static_decode_batch(block, torch.arange(8), pool.table, size, 1024, cascade=True))
+            eager = runner.forward(build_decode_batch(columns[:4] + [[0] * bsz], pool.table, runner.device))
             assert static.shape == (size, runner.info.vocab_size)
             assert size > bsz or bsz == 1  # padding rows ran beside the real ones
             torch.testing.assert_close(static[:bsz], eager, atol=2e-5, rtol=2e-5)

@@ -151,6 +151,85 @@ def test_decode_kernel_matches_reference(seq_lens, hkv, group, head_dim, dtype, 
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
+def share_prefix(case: Case, shared: list[int], seed: int) -> torch.Tensor:
+    """Give the requests with ``shared[i] > 0`` the same first ``shared[i]`` slots (those of the
+    request sharing most, with fresh K/V there): a prefix a batch shares, as the radix cache makes."""
+    b, gen = case.batch, torch.Generator().manual_seed(seed)
+    rows = b.req_rows.tolist()
+    ref = case.batch.req_to_token[rows[shared.index(max(shared))], : max(shared)].clone()
+    hkv, dim = case.kv.k[0].shape[1:]
+    case.kv.store(0, ref, *(torch.randn(len(ref), hkv, dim, generator=gen).to(case.q.dtype) for _ in range(2)))
+    for row, n in zip(rows, shared):
+        b.req_to_token[row, :n] = ref[:n]
+    return torch.tensor(shared)
+
+
+CASCADE_SHAPES = [  # (sequence lengths, shared lengths, Hkv, group, head_dim, dtype, decode splits, prefix splits)
+    ([40, 37, 52], [35, 35, 35], 2, 1, 64, torch.float32, 1, 1),  # all share; one split each
+    ([40, 37, 52, 9], [35, 35, 0, 0], 2, 4, 64, torch.float32, 2, 3),  # two do not share
+    ([60, 61, 45, 70, 33], [44, 20, 44, 44, 0], 1, 3, 24, torch.bfloat16, 1, 2),  # one shares less; GQA 3
+    ([50, 29, 31], [28, 28, 28], 2, 8, 128, torch.float16, 3, 8),  # more splits than key blocks
+    ([20, 20], [0, 0], 1, 2, 16, torch.float32, 2, 4),  # nothing shared: the pass reads no key
+]
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("seq_lens,shared,hkv,group,head_dim,dtype,splits,prefix_splits", CASCADE_SHAPES)
+def test_cascade_decode_matches_reference(seq_lens, shared, hkv, group, head_dim, dtype, splits, prefix_splits):
+    """Cascade decode (the shared prefix attended once, by tiles of (request, head) rows, merged
+    with each request's own keys) is the plain decode semantics: the reference, unchanged."""
+    seed = seed_of(seq_lens, shared, group, head_dim, dtype)
+    prefix = [n - 1 for n in seq_lens]
+    case = stored_case(make_case(ForwardMode.DECODE, prefix, [1] * len(seq_lens), hkv, group, head_dim, dtype, seed))
+    shared_lens = share_prefix(case, shared, seed) if max(shared) else torch.tensor(shared)
+    b, k_cache, v_cache = case.batch, case.kv.k[0], case.kv.v[0]
+    out = ka.decode_attention_triton(
+        case.q, k_cache, v_cache, b.req_to_token, b.req_rows, b.seq_lens, 0.3, None, splits, block_n=BLOCK,
+        shared_lens=shared_lens, prefix_splits=prefix_splits, block_m=BLOCK,
+    )  # fmt: skip
+    ref = ka.decode_attention_reference(case.q, k_cache, v_cache, b.req_to_token, b.req_rows, seq_lens, 0.3, None)
+    assert ref.float().std() > 0.05, "degenerate reference"
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+
+
+def _cascade_args(shared=(5, 5, 0), **change):
+    case = stored_case(make_case(ForwardMode.DECODE, [8, 12, 6], [1, 1, 1], 2, 2, 16, torch.float32, seed=8))
+    shared_lens = share_prefix(case, list(shared), seed=9)
+    b = case.batch
+    args = dict(q=case.q, k_cache=case.kv.k[0], v_cache=case.kv.v[0], req_to_token=b.req_to_token,
+                req_rows=b.req_rows, seq_lens=b.seq_lens, scale=0.3, sliding_window=None, num_splits=1,
+                shared_lens=shared_lens, prefix_splits=2, block_m=BLOCK)  # fmt: skip
+    args.update({name: fn(args) for name, fn in change.items()})
+    return args
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"sliding_window": lambda a: 4}, "not a sliding window"),
+        ({"shared_lens": lambda a: a["shared_lens"][:2]}, "shared_lens shape"),
+        ({"prefix_splits": lambda a: 0}, "prefix_splits"),
+        ({"block_m": lambda a: 24}, "block_m"),
+        ({"shared_lens": lambda a: a["seq_lens"]}, "shared_lens .* must be in 0 .. seq_lens - 1"),
+        ({"shared_lens": lambda a: torch.tensor([5, 5, 3])}, "does not share its first 3 slots"),
+    ],
+)
+def test_cascade_wrapper_asserts_before_launch(change, message):
+    with pytest.raises(AssertionError, match=message):
+        ka.decode_attention_triton(**_cascade_args(**change))
+
+
+def test_prefix_split_policy():
+    # 64 requests x GQA 4 in tiles of 64 rows, 8 KV heads on 132 SMs: 32 programs per split
+    assert ka.prefix_splits(64, 4, 8, 2000, 132) == 8  # 2,000 keys: 8 splits of >= 250 (MIN_SPLIT_TOKENS)
+    assert ka.prefix_splits(64, 4, 8, 1 << 20, 132) == 9  # about two waves
+    assert ka.prefix_splits(1, 1, 1, 1 << 20, 132) == ka.MAX_SPLITS
+    assert ka.prefix_splits(8, 4, 8, 0, 132) == 1
+
+
 @pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE])
 @pytest.mark.parametrize("window", [None, 4])
 def test_reference_matches_torch_backend(mode, window):
@@ -229,7 +308,7 @@ def test_decode_sized_for_the_context_matches_decode_sized_for_the_batch(monkeyp
         case.batch.decode_max_keys = max_keys
         backend = create_attention_backend("triton", extend_block=BLOCK, decode_block=BLOCK)
         outs.append(backend.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, window))
-        splits.append(case.batch.attn_memo[("triton-splits", window)])
+        splits.append(case.batch.attn_memo[("triton-splits", window, False)][0])
     assert splits[0] < splits[1] if window is None else splits[0] == splits[1] == 1, splits  # a window caps keys
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
 
@@ -358,3 +437,39 @@ def test_engine_on_triton_backend_matches_torch_backend(monkeypatch, tmp_path, a
                                             want["meta_info"]["output_token_logprobs"])]  # fmt: skip
         assert max(abs(a - b) for a, b in lps) < 1e-4
     assert len({t for o in outputs["torch"] for t in o["output_ids"]}) > 2, "degenerate model output"
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_path):
+    """Requests decoding under one cached prefix: the scheduler finds it in the radix cache and the
+    Triton backend reads it once per step (cascade); tokens and logprobs match the torch backend."""
+    import braid.runtime.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "CASCADE_MIN_SAVED", 1)  # tiny prompts: any sharing counts
+    seen: list[list[int] | None] = []
+    original = ka.decode_attention_triton
+
+    def recording(*args, **kwargs):
+        shared = kwargs.get("shared_lens")
+        seen.append(None if shared is None else shared.tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ka, "decode_attention_triton", recording)
+    folder = make_engine_model("llama3", tmp_path, num_hidden_layers=2)
+    system = random_prompts(1, 40, 40, 300, seed=3)[0]
+    prompts = [system + own for own in random_prompts(4, 3, 9, 300, seed=4)]
+    params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 4}
+    outputs = {}
+    for backend in ("torch", "triton"):
+        with bd.Engine(model_path=folder, device="cpu", attention_backend=backend, max_total_tokens=512,
+                       cpu_threads=1) as eng:  # fmt: skip
+            outputs[backend] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            assert_at_rest(eng)
+    # every layer of at least one decode step attended the 40 shared tokens once for 4 requests
+    assert [40, 40, 40, 40] in seen, seen
+    for want, got in zip(outputs["torch"], outputs["triton"]):
+        assert got["output_ids"] == want["output_ids"]
+        lps = [(a[0], b[0]) for a, b in zip(got["meta_info"]["output_token_logprobs"],
+                                            want["meta_info"]["output_token_logprobs"])]  # fmt: skip
+        assert max(abs(a - b) for a, b in lps) < 1e-4

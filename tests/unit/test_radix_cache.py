@@ -393,3 +393,32 @@ def test_disabled_cache_random_ops_never_take_slots():
         assert cache.match_prefix(key).slots.numel() == 0
     assert cache.total_size == 0
     cache.check_integrity()
+
+
+def test_shared_prefixes_pick_the_prefix_that_saves_most_reads():
+    """Cascade attention's planner: the radix node through which the most requests pass, weighed
+    by its depth; requests through it get its depth, the others 0; below ``min_saved``: all 0."""
+    from braid.runtime.batch import SharedPrefixes
+
+    tree = RadixCache()
+    system, longer = list(range(100, 150)), list(range(100, 180))  # 50 tokens; 80 that begin with them
+    prompts = [system + [1, 2], system + [3], longer + [4], longer + [5, 6], [7, 8, 9]]
+    for p in prompts:
+        tree.insert(p, torch.arange(1, len(p) + 1))  # the slots do not matter here, the paths do
+    nodes = [tree.match_prefix(p).node for p in prompts]
+
+    class R:  # what SharedPrefixes reads of a request
+        def __init__(self, node):
+            self.last_node = node
+
+    reqs = [R(n) for n in nodes] + [R(None)]  # a request without a cached prefix
+    # 4 requests through the 50-token node save 3 x 50; 2 through the 80-token one, 1 x 80
+    assert SharedPrefixes(min_saved=1)(reqs) == [50, 50, 50, 50, 0, 0]
+    assert SharedPrefixes(min_saved=1)(reqs[2:4] + reqs[4:]) == [80, 80, 0, 0]
+    assert SharedPrefixes(min_saved=151)(reqs) == [0] * 6
+    assert SharedPrefixes(min_saved=1)(reqs[4:]) == [0, 0]  # nobody shares
+    planner = SharedPrefixes(min_saved=1)
+    assert planner(reqs[:2]) == [50, 50] and planner(reqs[:2]) == [50, 50]  # the kept answer
+    assert planner(reqs[:1] + reqs[2:3]) == [50, 50]
+    tree.match_prefix(system[:20])  # a split above the shared node changes no depth
+    assert planner(reqs) == [50, 50, 50, 50, 0, 0]

@@ -94,6 +94,15 @@ def decode_splits(batch_size: int, num_kv_heads: int, max_keys: int, num_sms: in
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
+def prefix_splits(batch_size: int, group: int, num_kv_heads: int, prefix_keys: int, num_sms: int,
+                  block_m: int = EXTEND_BLOCK) -> int:  # fmt: skip
+    """Splits of the cascade's prefix pass: its (row tile, KV head, split) programs fill about
+    two waves over ``num_sms`` SMs, with at least MIN_SPLIT_TOKENS keys per split, at most MAX_SPLITS."""
+    tiles = -(-batch_size * group // block_m)
+    wanted = -(-2 * num_sms // max(1, tiles * num_kv_heads))
+    return max(1, min(wanted, -(-prefix_keys // MIN_SPLIT_TOKENS), MAX_SPLITS))
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
@@ -181,10 +190,17 @@ def extend_attention_triton(
 def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
     req_rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, sliding_window: int | None,
-    num_splits: int, block_n: int = DECODE_BLOCK_N,
+    num_splits: int, block_n: int = DECODE_BLOCK_N, shared_lens: torch.Tensor | None = None,
+    prefix_splits: int = 0, block_m: int = EXTEND_BLOCK,
 ) -> torch.Tensor:  # fmt: skip
     """The split-K decode kernel (+ the reduce when ``num_splits > 1``): ``(B, Hq, D)`` in q's
-    dtype, one query per request. Asserts the contract before launch."""
+    dtype, one query per request. Asserts the contract before launch.
+
+    Cascade: with ``shared_lens`` ``(B,)``, request ``i``'s first ``shared_lens[i]`` keys are read
+    by a prefix pass over ``prefix_splits`` splits, each key once for every request (tiles of
+    ``block_m`` (request, query head) rows), and the decode kernel starts at ``shared_lens[i]``;
+    the reduce merges both. The caller vouches that every request with ``shared_lens[i] > 0`` has
+    the same first ``shared_lens[i]`` slots as the request with the largest value (checked on the CPU)."""
     _check_common(q, k_cache, v_cache, req_to_token, req_rows, scale, sliding_window)
     batch, num_heads, head_dim = q.shape
     assert seq_lens.shape == (batch,), f"seq_lens shape {tuple(seq_lens.shape)}, expected ({batch},)"
@@ -192,33 +208,51 @@ def decode_attention_triton(
     assert seq_lens.device == q.device, f"seq_lens on {seq_lens.device}, q on {q.device}"
     assert num_splits >= 1, f"num_splits {num_splits} must be >= 1"
     assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n {block_n} must be a power of two >= 16"
+    cascade = shared_lens is not None
+    if cascade:
+        assert sliding_window is None, "cascade attention is for full attention, not a sliding window"
+        assert shared_lens.shape == (batch,), f"shared_lens shape {tuple(shared_lens.shape)}, expected ({batch},)"
+        assert shared_lens.dtype in INDEX_DTYPES and shared_lens.device == q.device, "shared_lens: int, on q's device"
+        assert prefix_splits >= 1, f"prefix_splits {prefix_splits} must be >= 1 with shared_lens"
+        assert block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m {block_m} must be a power of two >= 16"
     if q.device.type == "cpu":
         lengths = seq_lens.tolist()
         assert min(lengths, default=1) >= 1, f"seq_lens must be >= 1, got {lengths}"
         _check_slots(req_to_token, req_rows, lengths, k_cache.shape[0])
+        if cascade:
+            _check_shared(req_to_token, req_rows, shared_lens.tolist(), lengths)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     group = num_heads // k_cache.shape[1]
     block_d = power_of_two_at_least(head_dim, 16)
-    single = num_splits == 1
-    partial = out if single else torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
+    total = num_splits + (prefix_splits if cascade else 0)
+    single = total == 1
+    partial = out if single else torch.empty(batch, num_heads, total, head_dim, dtype=torch.float32,
                                              device=q.device)  # fmt: skip
-    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, total, dtype=torch.float32, device=q.device)
     fp32_dot = _fp32_dot(q, k_cache)
     kernels = _kernels(interpreting())
+    common = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+              partial.stride(0), partial.stride(1), 0 if single else partial.stride(2), scale * LOG2E)  # fmt: skip
+    if cascade:
+        kernels.prefix[(-(-batch * group // block_m), k_cache.shape[1], prefix_splits)](
+            q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens, *common,
+            batch, group, head_dim, prefix_splits, total, FP32_DOT=fp32_dot, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_B=power_of_two_at_least(batch),
+            num_warps=4, num_stages=1 if fp32_dot else 2,
+        )  # fmt: skip
     kernels.decode[(batch, k_cache.shape[1], num_splits)](
         q, k_cache, v_cache, partial, lse, req_to_token, req_rows, seq_lens,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
-        partial.stride(0), partial.stride(1), 0 if single else partial.stride(2),
-        scale * LOG2E, sliding_window or 0, group, head_dim, num_splits,
-        SLIDING=sliding_window is not None, FP32_DOT=fp32_dot, BLOCK_H=power_of_two_at_least(group, 16),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1 if fp32_dot else 2,
+        shared_lens if cascade else seq_lens, *common, sliding_window or 0, group, head_dim, num_splits,
+        total - num_splits, total, SLIDING=sliding_window is not None, CASCADE=cascade, FP32_DOT=fp32_dot,
+        BLOCK_H=power_of_two_at_least(group, 16), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        num_stages=1 if fp32_dot else 2,
     )  # fmt: skip
     if not single:
         kernels.reduce[(batch, num_heads)](
-            partial, lse, out, out.stride(0), out.stride(1), head_dim, num_splits,
-            BLOCK_S=power_of_two_at_least(num_splits), BLOCK_D=block_d, num_warps=4,
+            partial, lse, out, out.stride(0), out.stride(1), head_dim, total,
+            BLOCK_S=power_of_two_at_least(total), BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -257,6 +291,18 @@ def _check_slots(req_to_token: torch.Tensor, req_rows: torch.Tensor, seq_lens: l
         assert 0 <= low and high < num_slots, f"row {row} names slots {low}..{high}, the pool has 0..{num_slots - 1}"
 
 
+def _check_shared(req_to_token: torch.Tensor, req_rows: torch.Tensor, shared: list[int], seq_lens: list[int]) -> None:
+    """The cascade's contract (CPU tensors only): each request shares its first ``shared[i]``
+    slots with the request of the longest shared prefix, and has a key of its own left."""
+    assert all(0 <= s < n for s, n in zip(shared, seq_lens)), f"shared_lens {shared} must be in 0 .. seq_lens - 1"
+    if not shared or max(shared) == 0:
+        return
+    rows = req_rows.tolist()
+    ref = req_to_token[rows[shared.index(max(shared))]]
+    for row, s in zip(rows, shared):
+        assert torch.equal(req_to_token[row, :s], ref[:s]), f"row {row} does not share its first {s} slots"
+
+
 def _fp32_dot(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     # the interpreter's tl.dot reads bfloat16 operands as integers (triton 3.9): upcast there
     return interpreting() or torch.float32 in (q.dtype, k_cache.dtype)
@@ -265,13 +311,14 @@ def _fp32_dot(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 class _Kernels(NamedTuple):
     extend: object
     decode: object
+    prefix: object
     reduce: object
 
 
 @functools.cache
 def _kernels(interpret: bool) -> _Kernels:
     # ``interpret`` is only the cache key: triton.jit reads the mode itself
-    return _Kernels(triton.jit(_extend_kernel), triton.jit(_decode_kernel), triton.jit(_reduce_kernel))
+    return _Kernels(*(triton.jit(k) for k in (_extend_kernel, _decode_kernel, _prefix_kernel, _reduce_kernel)))
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -344,11 +391,11 @@ def _extend_kernel(
 
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr,  # q (B, Hq, D); part (B, Hq, S, D) f32, or out when S == 1
-    table_ptr, rows_ptr, seq_lens_ptr,
+    table_ptr, rows_ptr, seq_lens_ptr, shared_ptr,  # shared (B,): keys the cascade's prefix pass covers
     stride_qb, stride_qh, stride_ks, stride_kh, stride_table,
     stride_pb, stride_ph, stride_ps,
-    qk_scale, window, group, head_dim, num_splits,
-    SLIDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    qk_scale, window, group, head_dim, num_splits, split_base, total_splits,
+    SLIDING: tl.constexpr, CASCADE: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -357,6 +404,8 @@ def _decode_kernel(
     k_begin = 0
     if SLIDING:
         k_begin = tl.maximum(seq_len - window, 0)
+    if CASCADE:  # the prefix pass attended keys 0 .. shared - 1
+        k_begin = tl.load(shared_ptr + req).to(tl.int32)
     per_split = ((seq_len - k_begin + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = k_begin + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -398,12 +447,80 @@ def _decode_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    part_off = req.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+    slot = split_base + split  # the prefix pass's splits come first
+    part_off = req.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + slot * stride_ps + offs_d[None, :]
     tl.store(part_ptr + part_off, out.to(part_ptr.dtype.element_ty), mask=h_valid[:, None] & d_valid[None, :])
     # base 2, as the scores; -inf for an empty split, which the reduce then weighs 0
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-    lse_off = (req * tl.num_programs(1) * group + heads) * num_splits + split
+    lse_off = (req * tl.num_programs(1) * group + heads) * total_splits + slot
     tl.store(lse_ptr + lse_off, lse, mask=h_valid)
+
+
+def _prefix_kernel(
+    q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr,  # q (B, Hq, D); part (B, Hq, S, D) f32; lse (B, Hq, S) f32
+    table_ptr, rows_ptr, shared_ptr,  # shared (B,): keys of each request this pass attends, 0 = none
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_table,
+    stride_pb, stride_ph, stride_ps,
+    qk_scale, batch, group, head_dim, num_splits, total_splits,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    # rows are (request, query head of this KV head) pairs, request-major: row r is request
+    # r // group, query head kv_head * group + r % group; every row reads the same keys
+    tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_b = tl.arange(0, BLOCK_B)
+    shared_all = tl.load(shared_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int32)
+    prefix = tl.reduce(shared_all, 0, MAX_COMBINE)
+    # the keys are read through the row of a request sharing the longest prefix (the others share it)
+    ref = tl.reduce(tl.where(shared_all == prefix, offs_b, 0), 0, MAX_COMBINE)
+    table_row = tl.load(rows_ptr + ref).to(tl.int64) * stride_table
+    per_split = ((prefix + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = split * per_split
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < batch * group
+    d_valid = offs_d < head_dim
+    req = offs_m // group
+    heads = kv_head * group + offs_m % group
+    mine = tl.load(shared_ptr + req, mask=m_valid, other=0).to(tl.int32)  # (M,) keys each row may see
+    hi = tl.minimum(tl.minimum(lo + per_split, prefix), tl.reduce(mine, 0, MAX_COMBINE))  # a tile of non-sharers reads nothing
+    q_off = req.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # (M, D)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        slots = tl.load(table_ptr + table_row + offs_n, mask=n_valid, other=0).to(tl.int64)
+        kv_off = slots * stride_ks + kv_head * stride_kh
+        kt = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        allowed = n_valid[None, :] & (offs_n[None, :] < mine[:, None])
+        if FP32_DOT:
+            scores = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            scores = tl.dot(q, kt.to(q.dtype))
+        scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(scores, 1, MAX_COMBINE))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM_COMBINE)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    part_off = req.to(tl.int64)[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+    tl.store(part_ptr + part_off, out, mask=m_valid[:, None] & d_valid[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+    lse_off = (req.to(tl.int64) * tl.num_programs(1) * group + heads) * total_splits + split
+    tl.store(lse_ptr + lse_off, lse, mask=m_valid)
 
 
 def _reduce_kernel(

@@ -128,7 +128,8 @@ class TorchAttention(AttentionBackend):
 class TritonAttention(AttentionBackend):
     """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
     the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
-    decode kernel. Tiles and split counts are computed once per forward (``batch.attn_memo``)
+    decode kernel, with the cascade's prefix pass when the batch shares a prefix
+    (``batch.shared_lens``). Tiles and split counts are computed once per forward (``batch.attn_memo``)
     from the host-side lengths (under a CUDA graph, from ``batch.decode_max_keys``), so no layer
     syncs the device. Runs on CUDA, and on the CPU under
     ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
@@ -147,15 +148,16 @@ class TritonAttention(AttentionBackend):
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         store_kv_triton(k_cache, v_cache, batch.out_slots, k, v)
         if batch.mode is ForwardMode.DECODE:
-            key = ("triton-splits", sliding_window)
+            cascade = batch.shared_lens is not None and sliding_window is None
+            key = ("triton-splits", sliding_window, cascade)
             if key not in batch.attn_memo:
-                longest = batch.decode_max_keys or max(batch.seq_lens_cpu)
-                keys = min(longest, sliding_window or longest)
-                sms = attention_kernels.num_sms(q.device)
-                batch.attn_memo[key] = attention_kernels.decode_splits(batch.batch_size, k.shape[1], keys, sms)
+                batch.attn_memo[key] = self._decode_splits(batch, q.shape[1] // k.shape[1], k.shape[1],
+                                                           sliding_window, cascade, q.device)  # fmt: skip
+            splits, prefix_splits = batch.attn_memo[key]
             return attention_kernels.decode_attention_triton(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_rows, batch.seq_lens, scale, sliding_window,
-                num_splits=batch.attn_memo[key], block_n=self.decode_block,
+                num_splits=splits, block_n=self.decode_block, shared_lens=batch.shared_lens if cascade else None,
+                prefix_splits=prefix_splits, block_m=self.extend_block,
             )  # fmt: skip
         if "triton-tiles" not in batch.attn_memo:
             batch.attn_memo["triton-tiles"] = attention_kernels.plan_extend(
@@ -165,6 +167,21 @@ class TritonAttention(AttentionBackend):
         return attention_kernels.extend_attention_triton(
             q, k_cache, v_cache, batch.req_to_token, batch.req_rows, plan, scale, sliding_window
         )
+
+    def _decode_splits(self, batch, group, num_kv_heads, window, cascade, device) -> tuple[int, int]:
+        """(decode splits, prefix-pass splits) for the batch's lengths on the host, or, under a
+        CUDA graph, for sequences and shared prefixes up to ``decode_max_keys``."""
+        sms = attention_kernels.num_sms(device)
+        bound = batch.decode_max_keys
+        if not cascade:
+            longest = bound or max(batch.seq_lens_cpu)
+            keys = min(longest, window or longest)
+            return attention_kernels.decode_splits(batch.batch_size, num_kv_heads, keys, sms), 0
+        shared = batch.shared_lens_cpu
+        own = bound or max(n - s for n, s in zip(batch.seq_lens_cpu, shared))
+        prefix = bound or max(shared)
+        return (attention_kernels.decode_splits(batch.batch_size, num_kv_heads, own, sms),
+                attention_kernels.prefix_splits(batch.batch_size, group, num_kv_heads, prefix, sms, self.extend_block))
 
 
 def _padding_pays(batch: ForwardBatch) -> bool:
