@@ -16,10 +16,12 @@ What makes a decode forward capturable (and what this module relies on):
 - The decode attention kernel sizes its launch for the longest sequence the graph may ever
   see (``ForwardBatch.decode_max_keys`` = the context length); each split finds its key range
   from the sequence length on the device, so the same launch is right for every replay.
-- Cascade attention: graphs of at least ``cascade_min_batch`` rows are captured with the prefix
-  pass, sized like the decode launch for prefixes up to the context length; a batch that shares
-  nothing passes 0s and the pass reads no key. Smaller graphs (a prefix shared by a handful of
-  requests saves little) never run it, and ignore the column.
+- Cascade attention: a second set of graphs, at the power-of-two sizes from
+  ``cascade_min_batch`` up (and the largest size; :func:`cascade_sizes`), is captured with the
+  prefix pass, sized like the decode launch for prefixes up to the context length. A batch that
+  shares a prefix replays the smallest of them that fits it (padding rows cost little in
+  decode); a batch that shares nothing replays the plain graphs, so it pays no empty pass and
+  no extra reduce. Fewer sizes keep the extra logits buffers and capture time small.
 - Only the triton attention backend qualifies: the torch reference pads to host-known lengths.
 
 Graphs share one memory pool and are captured largest first, so the smaller ones reuse its
@@ -48,6 +50,15 @@ def capture_sizes(max_batch: int) -> list[int]:
     """The captured batch sizes: the defaults up to ``max_batch``, and ``max_batch`` itself."""
     sizes = [s for s in DEFAULT_SIZES if s < max_batch]
     return [*sizes, max_batch]
+
+
+def cascade_sizes(sizes: list[int], min_batch: int | None) -> list[int]:
+    """The captured sizes that also get a cascade-attention graph: powers of two from
+    ``min_batch`` up, and the largest size (None: none)."""
+    if min_batch is None:
+        return []
+    picked = [s for s in sizes if s >= min_batch and s & (s - 1) == 0]
+    return picked + [sizes[-1]] if sizes[-1] >= min_batch and sizes[-1] not in picked else picked
 
 
 def stage_columns(stage: torch.Tensor, columns: list[list[int]], padding_row: int) -> None:
@@ -106,12 +117,13 @@ class DecodeInputs:
 
 
 class DecodeGraphs:
-    """Captured decode forwards for the sizes of :func:`capture_sizes`.
+    """Captured decode forwards for the sizes of :func:`capture_sizes`, and with cascade
+    attention's prefix pass for the sizes of :func:`cascade_sizes`.
 
     ``forward(batch)`` is the model's eager forward; it must only launch device work (no host
     sync) for a DECODE batch. ``table`` is the request table every replay reads; ``max_keys``
-    is the longest sequence a request may reach (the context length). Sizes of at least
-    ``cascade_min_batch`` are captured with cascade attention's prefix pass (None: none are)."""
+    is the longest sequence a request may reach (the context length). ``cascade_min_batch``:
+    the smallest cascade graph (None: no cascade graphs)."""
 
     def __init__(
         self,
@@ -124,14 +136,14 @@ class DecodeGraphs:
         cascade_min_batch: int | None = None,
     ) -> None:
         self.forward = forward
-        self.cascade_min_batch = cascade_min_batch
         self.table = table
         self.padding_row = padding_row
         self.max_keys = max_keys
         self.sizes = capture_sizes(max_batch)
+        self.cascade_sizes = cascade_sizes(self.sizes, cascade_min_batch)
         self.inputs = DecodeInputs(self.sizes[-1], device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, cascade) -> graph
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.capture_seconds = 0.0
         self._capture_all(device)
 
@@ -142,12 +154,15 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return 1 <= batch_size <= self.max_batch
 
-    def padded_size(self, batch_size: int) -> int:
-        return self.sizes[bisect.bisect_left(self.sizes, batch_size)]
+    def graph_for(self, batch_size: int, shares_prefix: bool) -> tuple[int, bool]:
+        """The (size, cascade) graph a batch replays: a cascade one when the batch shares a
+        prefix and one is big enough (at least ``cascade_min_batch`` rows), else a plain one."""
+        if shares_prefix and self.cascade_sizes and batch_size <= self.cascade_sizes[-1]:
+            return self.cascade_sizes[bisect.bisect_left(self.cascade_sizes, batch_size)], True
+        return self.sizes[bisect.bisect_left(self.sizes, batch_size)], False
 
-    def static_batch(self, size: int) -> ForwardBatch:
+    def static_batch(self, size: int, cascade: bool) -> ForwardBatch:
         """The ForwardBatch a graph of ``size`` rows is captured with: views of the buffers."""
-        cascade = self.cascade_min_batch is not None and size >= self.cascade_min_batch
         return static_decode_batch(self.inputs.block, self.inputs.logits_rows, self.table, size, self.max_keys,
                                    cascade)  # fmt: skip
 
@@ -161,26 +176,27 @@ class DecodeGraphs:
         # this wait the warm-up read the buffers before the padding landed, i.e. whatever the
         # allocator's block held before (index out of bounds once a previous engine had used it)
         stream.wait_stream(torch.cuda.current_stream(device))
-        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
+        keys = sorted([(s, False) for s in self.sizes] + [(s, True) for s in self.cascade_sizes], reverse=True)
+        for key in keys:  # largest first: the smaller graphs reuse its memory
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the kernels and let allocators settle outside capture
-                    self.forward(self.static_batch(size))
+                    self.forward(self.static_batch(*key))
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[size] = self.forward(self.static_batch(size))
-            self.graphs[size] = graph
+                self.outputs[key] = self.forward(self.static_batch(*key))
+            self.graphs[key] = graph
         torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, self.capture_seconds)
+        log.info("captured decode CUDA graphs for batch sizes %s (cascade attention: %s) in %.1f s",
+                 self.sizes, self.cascade_sizes, self.capture_seconds)  # fmt: skip
 
     def replay(self, columns: list[list[int]], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, vocab)`` for one decode batch given as host columns (token ids,
         positions, request rows, sequence lengths after this step, shared-prefix lengths),
-        B <= max_batch; the token
-        ids come from ``input_ids`` on the device instead when given."""
+        B <= max_batch; the token ids come from ``input_ids`` on the device instead when given."""
         bsz = len(columns[0])
-        size = self.padded_size(bsz)
-        self.inputs.load(columns, size, self.padding_row, input_ids)
-        self.graphs[size].replay()
-        return self.outputs[size][:bsz]
+        key = self.graph_for(bsz, any(columns[4]))
+        self.inputs.load(columns, key[0], self.padding_row, input_ids)
+        self.graphs[key].replay()
+        return self.outputs[key][:bsz]

@@ -22,9 +22,9 @@ CPU_DEFAULT_TOTAL_TOKENS = 16384
 # torch 2.11) and builds a graph per new shape; the other kernels take every shape braid sends.
 SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Cascade attention (a decode batch's shared prefix read once): used where the prefix saves at
-# least CASCADE_MIN_SAVED key reads a step, and captured into the CUDA graphs of at least
-# CASCADE_MIN_BATCH rows (an empty prefix pass still costs a launch per layer). Heuristics: a
-# prefix pass costs about one small launch, i.e. a few MB of KV reads on an H100.
+# least CASCADE_MIN_SAVED key reads a step; CUDA graphs with it are captured from
+# CASCADE_MIN_BATCH rows up (cuda_graph.cascade_sizes). Heuristics, not tuned on hardware yet:
+# the prefix pass costs about one small launch per layer, i.e. a few MB of KV reads on an H100.
 CASCADE_MIN_SAVED = 2048
 CASCADE_MIN_BATCH = 8
 

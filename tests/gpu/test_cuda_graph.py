@@ -33,11 +33,11 @@ def test_replay_matches_eager_on_random_state(arch, tmp_path):
             buf[1:].normal_(generator=gen)
         cpu = torch.Generator().manual_seed(6)
         vocab = runner.info.vocab_size
-        assert graphs.cascade_min_batch == 8  # graphs of 8 rows and more run cascade attention
+        assert graphs.cascade_sizes == [8, 16, 24]  # batches of 8+ that share a prefix replay these
         for bsz in (1, 3, 8, 13, 24):
             rows = torch.randperm(table.shape[0] - 1, generator=cpu)[:bsz].tolist()
             lens = torch.randint(700, 1500, (bsz,), generator=cpu).tolist()
-            # all but the last request share a prefix of 600 slots (only graphs >= 8 read it once)
+            # all but the last request share a prefix of 600 slots (read once by the cascade graphs)
             shared = [600] * (bsz - 1) + [0] if bsz > 1 else [0]
             prefix = torch.randperm(runner.kv.num_slots, generator=cpu)[:600].cuda() + 1
             for row, n, s in zip(rows, lens, shared):  # scattered slots, as a long-running pool has them

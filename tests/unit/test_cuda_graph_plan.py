@@ -13,7 +13,7 @@ from braid.config import EngineConfig
 from braid.errors import InvalidRequestError
 from braid.runtime.batch import build_decode_batch
 from braid.runtime import kernels as triton_kernels
-from braid.runtime.cuda_graph import capture_sizes, stage_columns, static_decode_batch
+from braid.runtime.cuda_graph import DecodeGraphs, capture_sizes, cascade_sizes, stage_columns, static_decode_batch
 from braid.runtime.kernels import attention as attention_kernels
 from braid.runtime.forward_batch import ForwardMode
 from braid.runtime.memory import ReqToTokenPool
@@ -27,6 +27,20 @@ def test_capture_sizes_cover_every_batch_with_bounded_padding(max_batch):
     for bsz in range(1, max_batch + 1):
         padded = sizes[bisect.bisect_left(sizes, bsz)]
         assert bsz <= padded <= max(bsz + 16, 2 * bsz)
+
+
+@pytest.mark.parametrize("max_batch", [4, 8, 24, 100, 256])
+def test_batches_sharing_a_prefix_replay_cascade_graphs_the_others_plain_ones(max_batch):
+    graphs = object.__new__(DecodeGraphs)  # the choice alone: capturing needs CUDA
+    graphs.sizes, graphs.cascade_sizes = capture_sizes(max_batch), cascade_sizes(capture_sizes(max_batch), 8)
+    assert graphs.cascade_sizes == sorted({s for s in (8, 16, 32, 64, 128, max_batch) if 8 <= s <= max_batch})
+    assert cascade_sizes(graphs.sizes, None) == []
+    for bsz in range(1, max_batch + 1):
+        size, cascade = graphs.graph_for(bsz, shares_prefix=True)
+        assert cascade == (bsz <= max_batch and max_batch >= 8) and size >= bsz
+        assert size in (graphs.cascade_sizes if cascade else graphs.sizes)
+        assert graphs.graph_for(bsz, shares_prefix=False) == (graphs.sizes[bisect.bisect_left(graphs.sizes, bsz)],
+                                                               False)  # fmt: skip
 
 
 def test_padding_row_is_never_handed_out_and_maps_to_the_padding_slot():

@@ -449,7 +449,9 @@ def _decode_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     slot = split_base + split  # the prefix pass's splits come first
     part_off = req.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + slot * stride_ps + offs_d[None, :]
-    tl.store(part_ptr + part_off, out.to(part_ptr.dtype.element_ty), mask=h_valid[:, None] & d_valid[None, :])
+    # an empty split of several writes only its lse (-inf): the reduce does not read its partial
+    written = h_valid & (l_i > (-1.0 if total_splits == 1 else 0.0))
+    tl.store(part_ptr + part_off, out.to(part_ptr.dtype.element_ty), mask=written[:, None] & d_valid[None, :])
     # base 2, as the scores; -inf for an empty split, which the reduce then weighs 0
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
     lse_off = (req * tl.num_programs(1) * group + heads) * total_splits + slot
@@ -517,7 +519,7 @@ def _prefix_kernel(
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     part_off = req.to(tl.int64)[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
-    tl.store(part_ptr + part_off, out, mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(part_ptr + part_off, out, mask=(m_valid & (l_i > 0.0))[:, None] & d_valid[None, :])
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
     lse_off = (req.to(tl.int64) * tl.num_programs(1) * group + heads) * total_splits + split
     tl.store(lse_ptr + lse_off, lse, mask=m_valid)
@@ -538,7 +540,9 @@ def _reduce_kernel(
     top = tl.reduce(lse, 0, MAX_COMBINE)
     weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # (S,), 0 for empty splits
     part_off = (row * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :]
-    part = tl.load(part_ptr + part_off, mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # (S, D)
+    # empty splits (lse -inf, weight 0) wrote no partial: not read
+    filled = s_valid & (lse > float("-inf"))
+    part = tl.load(part_ptr + part_off, mask=filled[:, None] & d_valid[None, :], other=0.0)  # (S, D)
     total = tl.reduce(weights, 0, SUM_COMBINE)
     out = tl.reduce(part * weights[:, None], 0, SUM_COMBINE) / tl.where(total == 0.0, 1.0, total)
     out_off = req.to(tl.int64) * stride_ob + head * stride_oh + offs_d
