@@ -207,6 +207,23 @@ def test_matcher_contract(backends, hf_tok, name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_matchers_of_one_compiled_grammar_are_independent(backends, hf_tok, name):
+    """Every request's matcher comes from the one compiled grammar in the cache (llguidance's are
+    copies of a template matcher): advancing, terminating or rolling back one moves no other."""
+    backend = backends[name]
+    compiled = backend.compile(GrammarSpec("regex", "(ab|cd)[0-9]"))
+    first, second = backend.matcher(compiled), backend.matcher(compiled)
+    ab, five = hf_tok.convert_tokens_to_ids("ab"), hf_tok.convert_tokens_to_ids("5")
+    start = allowed(first, len(hf_tok))
+    assert first.accept_token(ab) and first.accept_token(five) and first.accept_token(2) and first.is_terminated()
+    assert allowed(second, len(hf_tok)) == start and not second.is_terminated()
+    assert allowed(backend.matcher(compiled), len(hf_tok)) == start  # the template did not move either
+    assert second.accept_token(ab) and allowed(second, len(hf_tok)) != start
+    first.rollback(3)
+    assert allowed(first, len(hf_tok)) == start and allowed(second, len(hf_tok)) != start
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_forced_strings(backends, hf_tok, name):
     backend = backends[name]
     m = backend.matcher(backend.compile(SPECS[2]))
