@@ -2,6 +2,7 @@
 buys, on a random Llama-3.1-8B-shaped bf16 model (SmolLM2's tokenizer, so the grammars are real).
 
     python -m benchmarks.grammar_gpu [--model DIR] [--batches 1,16,64] [--backends xgrammar,outlines] [--profile-host]
+                                     [--fill-only]
 
 (1) Masking cost: `batch` requests decode `out` tokens greedily, unconstrained (ignore_eos) and
     under a JSON schema whose one string field outlasts `out` (jump-forward off, so every step
@@ -10,6 +11,9 @@ buys, on a random Llama-3.1-8B-shaped bf16 model (SmolLM2's tokenizer, so the gr
 (2) Jump-forward: one request under a schema with long fixed keys, greedy, end-to-end latency
     with jump-forward on and off (median of 3), beside transformers' `generate` with xgrammar's
     logits processor on the same model and schema (the usual peer setup).
+(3) Standalone fill (``--fill-only`` runs only this): 64 matchers of the masking schema walk 64
+    random steps inside the string, outside any engine; the median time to fill all 64 rows.
+    Beside the engine's profile this tells the host CPU's own speed from what the engine adds.
 The floor is the time to read the weights once at the copy bandwidth measured in the same run.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import time
@@ -131,6 +136,34 @@ def masking_rows(eng, batch: int, n_out: int, vocab: int, profile: bool = False)
             statistics.median(host["free"]), statistics.median(host["tied"]))
 
 
+def standalone_fill(tokenizer_dir: str, backend: str, rows: int = 64, steps: int = 64) -> float:
+    """Median seconds to fill ``rows`` masks, matchers walking random tokens inside the string of
+    LONG_STRING (never the closing quote while another token is allowed), outside any engine."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from braid.grammar import GrammarSpec, allocate_bitmask, create_backend, fill_bitmasks
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab, stops = len(tok), [tok.eos_token_id]
+    grammar = create_backend(backend, tok, vocab, stops)
+    compiled = grammar.compile(GrammarSpec("json_schema", json.dumps(LONG_STRING)))
+    matchers = [grammar.matcher(compiled) for _ in range(rows)]
+    quotes = [tok.decode([i]).count('"') + (i in stops) * 9 for i in range(vocab)]  # what closes the string
+    rng, bitmask, times = random.Random(0), allocate_bitmask(rows, vocab), []
+    shifts = torch.arange(32, dtype=torch.int32)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fill_bitmasks(matchers, bitmask)
+        times.append(time.perf_counter() - t0)
+        for row, m in zip(bitmask, matchers):
+            ids = torch.nonzero(((row[:, None] >> shifts) & 1).reshape(-1)[:vocab]).flatten().tolist()
+            fewest = min(quotes[t] for t in ids)
+            assert m.accept_token(rng.choice([t for t in ids if quotes[t] == fewest]))
+    return statistics.median(times)
+
+
 def jump_rows(eng, n_out: int) -> dict[str, tuple[float, int, int]]:
     """label -> (seconds, completion tokens, jumped tokens) for one greedy request."""
     out = {}
@@ -177,11 +210,20 @@ def main() -> None:
     ap.add_argument("--skip-jump", action="store_true", help="masking cost only")
     ap.add_argument("--profile-host", action="store_true",
                     help="profile the scheduler thread in a masked run at the largest batch")
+    ap.add_argument("--fill-only", action="store_true", help="only the standalone fill (3): no engine, no GPU")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script only")
     a = ap.parse_args()
     dev = torch.device("cpu" if a.dry_run else "cuda")
+    if not a.fill_only:
+        ensure_model(a.model, a.layers, dev, a.dry_run)
+    # the model's tokenizer; --fill-only needs no model: $BRAID_TOKENIZER_DIR, which the model gets
+    tokenizer_dir = os.environ.get("BRAID_TOKENIZER_DIR", a.model) if a.fill_only else a.model
+    for backend in a.backends.split(","):
+        t = standalone_fill(tokenizer_dir, backend)
+        print(f"standalone fill, {backend}: 64 rows in {t * 1e3:.2f} ms ({t / 64 * 1e6:.1f} us a row)", flush=True)
+    if a.fill_only:
+        return
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
-    ensure_model(a.model, a.layers, dev, a.dry_run)
     import braid as bd
 
     batches = [int(b) for b in a.batches.split(",")]
