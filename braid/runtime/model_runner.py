@@ -93,9 +93,9 @@ class ModelRunner:
 
     @property
     def uses_cascade(self) -> bool:
-        """Whether decode batches should look for a shared prefix: only the triton backend reads it,
-        and not under tensor parallelism (the batch the other ranks receive carries no prefix)."""
-        return self.attention_backend == "triton" and not self.config.disable_cascade_attention and not self.tp.enabled
+        """Whether decode batches should look for a shared prefix (both backends read it once),
+        not under tensor parallelism (the batch the other ranks receive carries no prefix)."""
+        return not self.config.disable_cascade_attention and not self.tp.enabled
 
     def release(self) -> None:
         """Drop the weights and the KV pool (the engine has shut down), and return the memory."""

@@ -193,6 +193,29 @@ def test_cascade_decode_matches_reference(seq_lens, shared, hkv, group, head_dim
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("seq_lens,shared,hkv,group,head_dim,dtype,splits,prefix_splits", CASCADE_SHAPES[1:4])
+def test_backends_with_a_shared_prefix_match_reference(monkeypatch, backend, seq_lens, shared, hkv, group, head_dim,
+                                                       dtype, splits, prefix_splits):  # fmt: skip
+    """Both backends given ``batch.shared_lens`` (the torch one gathers the prefix once and runs
+    one softmax over it and each request's own keys): the decode semantics, unchanged."""
+    if backend == "triton":
+        if ka.triton is None:
+            pytest.skip("needs triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seed = seed_of("backend", seq_lens, shared, dtype)
+    prefix = [n - 1 for n in seq_lens]
+    case = make_case(ForwardMode.DECODE, prefix, [1] * len(seq_lens), hkv, group, head_dim, dtype, seed)
+    case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
+    attn = create_attention_backend(backend, **({"extend_block": BLOCK, "decode_block": BLOCK} if backend == "triton" else {}))
+    out = attn.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
+    assert "cascade" in case.batch.attn_memo or ("triton-splits", None, True) in case.batch.attn_memo
+    b = case.batch
+    ref = ka.decode_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, seq_lens, 0.3,
+                                        None)  # fmt: skip
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+
+
 def _cascade_args(shared=(5, 5, 0), **change):
     case = stored_case(make_case(ForwardMode.DECODE, [8, 12, 6], [1, 1, 1], 2, 2, 16, torch.float32, seed=8))
     shared_lens = share_prefix(case, list(shared), seed=9)
@@ -469,6 +492,36 @@ def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_pa
     # every layer of at least one decode step attended the 40 shared tokens once for 4 requests
     assert [40, 40, 40, 40] in seen, seen
     for want, got in zip(outputs["torch"], outputs["triton"]):
+        assert got["output_ids"] == want["output_ids"]
+        lps = [(a[0], b[0]) for a, b in zip(got["meta_info"]["output_token_logprobs"],
+                                            want["meta_info"]["output_token_logprobs"])]  # fmt: skip
+        assert max(abs(a - b) for a, b in lps) < 1e-4
+
+
+def test_engine_on_torch_backend_with_cascade_matches_without(monkeypatch, tmp_path):
+    """The torch backend's cascade (the CPU default): same greedy tokens and logprobs as with
+    --disable-cascade-attention, and the shared prefix was found and used."""
+    import braid.runtime.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "CASCADE_MIN_SAVED", 1)
+    folder = make_engine_model("qwen3", tmp_path, num_hidden_layers=2)  # GQA 2, q/k norms
+    system = random_prompts(1, 60, 60, 300, seed=5)[0]
+    prompts = [system + own for own in random_prompts(5, 2, 12, 300, seed=6)] + random_prompts(1, 9, 9, 300, seed=7)
+    params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 6}
+    outputs, plans = {}, []
+    original = layer_attention._cascade_plan
+    monkeypatch.setattr(layer_attention, "_cascade_plan", lambda batch: plans.append(batch.shared_lens_cpu)
+                        or original(batch))  # fmt: skip
+    for disabled in (False, True):
+        with bd.Engine(model_path=folder, device="cpu", max_total_tokens=512, cpu_threads=1,
+                       disable_cascade_attention=disabled) as eng:  # fmt: skip
+            outputs[disabled] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            assert_at_rest(eng)
+        if not disabled:
+            assert [0] + [60] * 5 in [sorted(p) for p in plans], plans  # five share 60 tokens, one nothing
+            plans.clear()
+    assert not plans
+    for want, got in zip(outputs[True], outputs[False]):
         assert got["output_ids"] == want["output_ids"]
         lps = [(a[0], b[0]) for a, b in zip(got["meta_info"]["output_token_logprobs"],
                                             want["meta_info"]["output_token_logprobs"])]  # fmt: skip

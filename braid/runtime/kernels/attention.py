@@ -193,7 +193,7 @@ def decode_attention_triton(
     num_splits: int, block_n: int = DECODE_BLOCK_N, shared_lens: torch.Tensor | None = None,
     prefix_splits: int = 0, block_m: int = EXTEND_BLOCK,
 ) -> torch.Tensor:  # fmt: skip
-    """The split-K decode kernel (+ the reduce when ``num_splits > 1``): ``(B, Hq, D)`` in q's
+    """The split-K decode kernel (+ the reduce over several splits): ``(B, Hq, D)`` in q's
     dtype, one query per request. Asserts the contract before launch.
 
     Cascade: with ``shared_lens`` ``(B,)``, request ``i``'s first ``shared_lens[i]`` keys are read

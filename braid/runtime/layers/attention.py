@@ -91,11 +91,17 @@ class TorchAttention(AttentionBackend):
     doubles the work (always in DECODE, where n_max = 1); otherwise requests of similar size
     are grouped into buckets that each pass that test, and a request alone takes its own call.
     (One call per request was the bottleneck of select and fork batches: hundreds of short
-    extends over long cached prefixes, i.e. thousands of launches per layer.)"""
+    extends over long cached prefixes, i.e. thousands of launches per layer.) A decode batch
+    that shares a prefix (``batch.shared_lens``) gathers the prefix's K/V once for all requests
+    instead of once per request (:func:`_cascade_attention`)."""
 
     def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
         kv.store(layer, batch.out_slots, k, v)
         group = q.shape[1] // k.shape[1]
+        if batch.mode is ForwardMode.DECODE and batch.shared_lens is not None and sliding_window is None:
+            if "cascade" not in batch.attn_memo:
+                batch.attn_memo["cascade"] = _cascade_plan(batch)
+            return _cascade_attention(layer, q, kv, scale, batch.attn_memo["cascade"])
         if batch.mode is ForwardMode.DECODE or _padding_pays(batch):
             key = ("padded", sliding_window, group)
             if key not in batch.attn_memo:
@@ -287,6 +293,51 @@ def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, pla
     o = o.view(bsz, num_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4)  # (B, n, Hkv, G, D)
     o = o.reshape(bsz * n_max, num_q_heads, head_dim)
     return o if plan.out_rows is None else o.index_select(0, plan.out_rows)
+
+
+class CascadePlan(NamedTuple):
+    """Gather indices and masks of a decode batch sharing a prefix, shared by every layer."""
+
+    prefix_slots: torch.Tensor  # (P,) KV slots of the longest shared prefix
+    prefix_mask: torch.Tensor  # (B, P) bool: request i sees the first shared_lens[i] of them
+    own_idx: torch.Tensor  # (B * L,) KV slot of each request's own keys, padded with slot 0
+    own_mask: torch.Tensor  # (B, L) bool
+    own_max: int  # L
+
+
+def _cascade_plan(batch: ForwardBatch) -> CascadePlan:
+    shared = batch.shared_lens_cpu
+    longest = max(shared)
+    dev = batch.input_ids.device
+    prefix_slots = batch.req_to_token[batch.req_rows[shared.index(longest)], :longest]
+    prefix_mask = torch.arange(longest, device=dev)[None, :] < batch.shared_lens[:, None]
+    own_max = max(n - s for n, s in zip(batch.seq_lens_cpu, shared))
+    cols = batch.shared_lens[:, None] + torch.arange(own_max, device=dev)[None, :]  # (B, L)
+    own_mask = cols < batch.seq_lens[:, None]
+    own_idx = batch.req_to_token[batch.req_rows[:, None], cols.clamp(max=batch.req_to_token.shape[1] - 1)]
+    return CascadePlan(prefix_slots, prefix_mask, own_idx.masked_fill(~own_mask, 0).reshape(-1), own_mask, own_max)
+
+
+def _cascade_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
+    """Decode attention with the shared prefix's K/V gathered once: the scores over the prefix
+    ``(B, Hkv, G, P)`` and over each request's own keys ``(B, Hkv, G, L)`` share one softmax, in
+    float32. The reference semantics exactly, with ``P + B * L`` keys gathered, not ``B * (P + L)``."""
+    bsz, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv.k[layer].shape[1]
+    query = q.float().view(bsz, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    k_pre, v_pre = (pool[layer][plan.prefix_slots].float() for pool in (kv.k, kv.v))  # (P, Hkv, D)
+    own = plan.own_max
+    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, own, num_kv_heads, head_dim).float()
+                    for pool in (kv.k, kv.v))  # fmt: skip
+    scores = torch.cat([
+        torch.einsum("bhgd,phd->bhgp", query, k_pre).masked_fill(~plan.prefix_mask[:, None, None, :], float("-inf")),
+        torch.einsum("bhgd,blhd->bhgl", query, k_own).masked_fill(~plan.own_mask[:, None, None, :], float("-inf")),
+    ], dim=-1).mul_(scale)  # fmt: skip
+    probs = scores.softmax(-1)  # every request has a key of its own: no empty row
+    prefix_len = k_pre.shape[0]
+    out = torch.einsum("bhgp,phd->bhgd", probs[..., :prefix_len], v_pre)
+    out += torch.einsum("bhgl,blhd->bhgd", probs[..., prefix_len:], v_own)
+    return out.reshape(bsz, num_q_heads, head_dim).to(q.dtype)
 
 
 def _extend_plan(batch, window: int | None, idx: list[int]) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
