@@ -93,7 +93,10 @@ class LLGuidanceBackend:
         """A matcher at the grammar's start, never advanced: each request's matcher is a copy of
         it. Building an LLMatcher from the grammar text took 220-250 us (it parses the grammar
         again), copying one about 1 us; at admission that is on the scheduler thread."""
-        return self._llg.LLMatcher(self._tokenizer, self._grammar(spec), log_level=0)
+        template = self._llg.LLMatcher(self._tokenizer, self._grammar(spec), log_level=0)
+        if template.is_error():
+            raise GrammarError(spec.kind, f"llguidance cannot start it: {template.get_error().strip()[:500]}")
+        return template
 
     def matcher(self, compiled) -> LLGuidanceMatcher:
         return LLGuidanceMatcher(compiled.deep_copy(), self._stops)

@@ -39,6 +39,7 @@ class ModelInfo:
     max_context_len: int  # max_position_embeddings
     dtype: torch.dtype  # of parameters and activations
     sliding_window: int | None  # window of the sliding layers, None when all attend fully
+    has_full_attention: bool = True  # some layer attends to the whole sequence (not every layer slides)
     tp_size: int = 1  # tensor-parallel ranks the model is split over
 
 
@@ -103,6 +104,7 @@ def load_model(
         max_context_len=cfg.max_positions,
         dtype=torch_dtype,
         sliding_window=cfg.sliding_window,
+        has_full_attention=any(w is None for w in cfg.sliding_windows),
         tp_size=tp.size,
     )
     return model, info

@@ -87,15 +87,16 @@ class ModelRunner:
         if self.tp.enabled:  # rank 0 announces each forward to the other ranks; a replay would not
             return
         max_batch = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
-        cascade = None if cfg.disable_cascade_attention else CASCADE_MIN_BATCH
+        cascade = CASCADE_MIN_BATCH if self.uses_cascade else None
         self.graphs = DecodeGraphs(self.forward, table, padding_row, self.memory.context_len, max_batch, self.device,
                                    cascade)  # fmt: skip
 
     @property
     def uses_cascade(self) -> bool:
-        """Whether decode batches should look for a shared prefix (both backends read it once),
-        not under tensor parallelism (the batch the other ranks receive carries no prefix)."""
-        return not self.config.disable_cascade_attention and not self.tp.enabled
+        """Whether decode batches should look for a shared prefix (both backends read it once):
+        not under tensor parallelism (the batch the other ranks receive carries no prefix), nor
+        for a model whose every layer slides (cascade is for full attention)."""
+        return not self.config.disable_cascade_attention and not self.tp.enabled and self.info.has_full_attention
 
     def release(self) -> None:
         """Drop the weights and the KV pool (the engine has shut down), and return the memory."""

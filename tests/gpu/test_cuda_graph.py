@@ -53,19 +53,21 @@ def test_replay_matches_eager_on_random_state(arch, tmp_path):
 
 def test_greedy_tokens_same_with_and_without_graphs(tmp_path):
     folder = make_engine_model("llama", tmp_path, max_position_embeddings=2048)
-    system = random_prompts(1, 1000, 1000, 512, seed=20)[0]  # cascade: 1,000 shared tokens under 6 of 7
-    prompts = [system + p for p in random_prompts(6, 5, 90, 512, seed=21)] + random_prompts(1, 5, 90, 512, seed=22)
-    params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 4 + 5 * i} for i in range(7)]
+    system = random_prompts(1, 1000, 1000, 512, seed=20)[0]  # cascade: 1,000 shared tokens under 9 of 10
+    prompts = [system + p for p in random_prompts(9, 5, 90, 512, seed=21)] + random_prompts(1, 5, 90, 512, seed=22)
+    params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 4 + 3 * i} for i in range(10)]
     results = {}
     for disabled in (False, True):
-        # 7 requests, graphs up to 4: eager (cascade) until 3 finish, then replays of sizes 4, 2 and 1
-        with bd.Engine(model_path=folder, device="cuda", dtype="float32", cuda_graph_max_bs=4,
+        # 10 requests, graphs up to 8: eager (cascade) until 2 finish, then the cascade graph of 8
+        # at every size while two or more requests share the prefix, the plain graphs after that
+        with bd.Engine(model_path=folder, device="cuda", dtype="float32", cuda_graph_max_bs=8,
                        disable_cuda_graph=disabled, disable_cascade_attention=disabled) as eng:
-            assert (eng.runner.graphs is None) == disabled
+            graphs = eng.runner.graphs
+            assert graphs is None if disabled else graphs.cascade_sizes == [8]
             results[disabled] = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
             assert eng.get_stats()["at_rest_error"] is None
     assert results[False] == results[True]
-    assert [len(t) for t in results[False]] == [4 + 5 * i for i in range(7)]
+    assert [len(t) for t in results[False]] == [4 + 3 * i for i in range(10)]
 
 
 def test_capture_sees_its_padded_inputs_on_reused_memory(tmp_path):

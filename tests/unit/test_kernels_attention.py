@@ -484,9 +484,9 @@ def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_pa
     prompts = [system + own for own in random_prompts(4, 3, 9, 300, seed=4)]
     params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 4}
     outputs = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton"):  # the reference: torch without cascade
         with bd.Engine(model_path=folder, device="cpu", attention_backend=backend, max_total_tokens=512,
-                       cpu_threads=1) as eng:  # fmt: skip
+                       cpu_threads=1, disable_cascade_attention=backend == "torch") as eng:  # fmt: skip
             outputs[backend] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
             assert_at_rest(eng)
     # every layer of at least one decode step attended the 40 shared tokens once for 4 requests

@@ -420,5 +420,6 @@ def test_shared_prefixes_pick_the_prefix_that_saves_most_reads():
     planner = SharedPrefixes(min_saved=1)
     assert planner(reqs[:2]) == [50, 50] and planner(reqs[:2]) == [50, 50]  # the kept answer
     assert planner(reqs[:1] + reqs[2:3]) == [50, 50]
-    tree.match_prefix(system[:20])  # a split above the shared node changes no depth
     assert planner(reqs) == [50, 50, 50, 50, 0, 0]
+    tree.match_prefix(system[:20])  # a split above the shared node: the kept answer stays true
+    assert planner(reqs) == [50, 50, 50, 50, 0, 0] == SharedPrefixes(min_saved=1)(reqs)

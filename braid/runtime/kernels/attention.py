@@ -474,7 +474,7 @@ def _prefix_kernel(
     shared_all = tl.load(shared_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int32)
     prefix = tl.reduce(shared_all, 0, MAX_COMBINE)
     # the keys are read through the row of a request sharing the longest prefix (the others share it)
-    ref = tl.reduce(tl.where(shared_all == prefix, offs_b, 0), 0, MAX_COMBINE)
+    ref = tl.reduce(tl.where((shared_all == prefix) & (offs_b < batch), offs_b, 0), 0, MAX_COMBINE)
     table_row = tl.load(rows_ptr + ref).to(tl.int64) * stride_table
     per_split = ((prefix + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = split * per_split
