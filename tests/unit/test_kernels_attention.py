@@ -216,15 +216,10 @@ def test_backends_with_a_shared_prefix_match_reference(monkeypatch, backend, seq
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
-def _cascade_args(shared=(5, 5, 0), **change):
+def _cascade_args(**change):
     case = stored_case(make_case(ForwardMode.DECODE, [8, 12, 6], [1, 1, 1], 2, 2, 16, torch.float32, seed=8))
-    shared_lens = share_prefix(case, list(shared), seed=9)
-    b = case.batch
-    args = dict(q=case.q, k_cache=case.kv.k[0], v_cache=case.kv.v[0], req_to_token=b.req_to_token,
-                req_rows=b.req_rows, seq_lens=b.seq_lens, scale=0.3, sliding_window=None, num_splits=1,
-                shared_lens=shared_lens, prefix_splits=2, block_m=BLOCK)  # fmt: skip
-    args.update({name: fn(args) for name, fn in change.items()})
-    return args
+    cascade = dict(num_splits=1, shared_lens=share_prefix(case, [5, 5, 0], seed=9), prefix_splits=2, block_m=BLOCK)
+    return _wrapper_args(case, cascade, change)
 
 
 @needs_triton
@@ -367,9 +362,15 @@ def test_interpreted_kernels_are_used():
 
 def _decode_args(**change):
     case = stored_case(make_case(ForwardMode.DECODE, [4, 9], [1, 1], 2, 2, 16, torch.float32, seed=3))
+    return _wrapper_args(case, {"num_splits": 2}, change)
+
+
+def _wrapper_args(case: Case, extra: dict, change: dict) -> dict:
+    """decode_attention_triton's arguments for ``case`` (and ``extra``), then each ``change``
+    applied: name -> function of the arguments so far."""
     b = case.batch
     args = dict(q=case.q, k_cache=case.kv.k[0], v_cache=case.kv.v[0], req_to_token=b.req_to_token,
-                req_rows=b.req_rows, seq_lens=b.seq_lens, scale=0.3, sliding_window=None, num_splits=2)  # fmt: skip
+                req_rows=b.req_rows, seq_lens=b.seq_lens, scale=0.3, sliding_window=None, **extra)  # fmt: skip
     args.update({name: fn(args) for name, fn in change.items()})
     return args
 
