@@ -37,7 +37,10 @@ def _prompt_positions(req: Req) -> range:
     return range(lo, max(lo, hi))
 
 
-def build_extend_batch(reqs: list[Req], table: torch.Tensor, device: torch.device) -> tuple[ForwardBatch, ExtendPlan]:
+def build_extend_batch(reqs: list[Req], table: torch.Tensor, device: torch.device,
+                       shared: list[int] | None = None) -> tuple[ForwardBatch, ExtendPlan]:  # fmt: skip
+    """The extend pass of ``reqs`` (``extend_len`` new tokens each, after ``kv_len``) and which
+    logits rows feed what; ``shared``: the prefix the requests share (:class:`SharedPrefixes`)."""
     ids, positions, rows, sample_rows, spans = [], [], [], [], []
     prompt_rows: list[int] = []
     start = 0
@@ -59,6 +62,8 @@ def build_extend_batch(reqs: list[Req], table: torch.Tensor, device: torch.devic
         prompt_spans=[PromptSpan(s.req_index, num_sample + s.offset, s.count, s.first_token) for s in spans],
     )
     fb = _make_extend_batch(reqs, ids, positions, rows, sample_rows + prompt_rows, table, device)
+    if shared is not None and any(shared):
+        fb.shared_lens, fb.shared_lens_cpu = to_device(shared, torch.int64, device), list(shared)
     return fb, plan
 
 
@@ -87,9 +92,10 @@ def build_decode_batch(columns: list[list[int]], table: torch.Tensor, device: to
 class SharedPrefixes:
     """Finds the prefix a decode batch shares, for cascade attention (kernels/attention.py).
 
-    A running request's first ``cached_len`` KV slots are the radix-cache path to its locked
+    A request's first ``cached_len`` KV slots are the radix-cache path to its locked
     ``last_node``, so two requests share exactly the slots down to the deepest node both paths
-    pass through. The batch's prefix is the node that saves the most key reads: the most
+    pass through; those are computed before any pass (``cached_len <= kv_len``), so decode and
+    extend batches alike may read them as a prefix. The batch's prefix is the node that saves the most key reads: the most
     ``(requests through it - 1) * depth``. Requests through it get its depth, the others 0. A
     prefix saving fewer than ``min_saved`` key reads is not worth the extra pass: all 0s then.
 

@@ -39,9 +39,10 @@ class ForwardBatch:
     # DECODE under a CUDA graph: size the attention launch for sequences up to this many keys
     # (the context length), not for the host lengths above, which change between replays.
     decode_max_keys: int | None = None
-    # DECODE, cascade attention: request i's first shared_lens[i] keys are a prefix it shares with
-    # the batch's other sharers (the triton backend reads them once per step); None: nothing shared
-    # (or not looked for). shared_lens_cpu: the same on the host, None under a CUDA graph.
+    # Cascade attention: request i's first shared_lens[i] keys are a cached prefix it shares with
+    # the batch's other sharers, read once for all of them (decode on both backends, extend on
+    # torch); None: nothing shared (or not looked for). shared_lens_cpu: the same on the host,
+    # None under a CUDA graph.
     shared_lens: torch.Tensor | None = None
     shared_lens_cpu: list[int] | None = None
 

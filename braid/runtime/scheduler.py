@@ -277,7 +277,7 @@ class Scheduler:
 
     # ---- forward passes -------------------------------------------------------------------------
     def _run_extend(self, reqs: list[Req]) -> None:
-        fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
+        fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device, self._shared(reqs))
         logits = self.runner.forward(fb)
         for req in reqs:
             req.kv_len += req.extend_len
@@ -310,15 +310,19 @@ class Scheduler:
         if plain:
             logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table)
         else:
-            fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device)
+            fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device, self._shared(reqs))
             logits = self.runner.forward(fb)[plan.sample_rows]
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
         self._sample_and_advance(reqs, logits, masks, new_to_running=False)
 
+    def _shared(self, reqs: list[Req]) -> list[int] | None:
+        """The prefix ``reqs`` share, for cascade attention; None where it is off."""
+        return self.shared_prefixes(reqs) if self.shared_prefixes is not None else None
+
     def _decode_columns(self, reqs: list[Req]) -> list[list[int]]:
-        return decode_columns(reqs, self.shared_prefixes(reqs) if self.shared_prefixes is not None else None)
+        return decode_columns(reqs, self._shared(reqs))
 
     def _can_overlap(self) -> bool:
         """The next decode can start before the in-flight tokens are taken: a plain decode of

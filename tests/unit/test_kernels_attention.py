@@ -216,6 +216,40 @@ def test_backends_with_a_shared_prefix_match_reference(monkeypatch, backend, seq
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
+CASCADE_EXTENDS = [  # (prefix lens, new lens, shared lens, Hkv, group, head_dim)
+    ([30, 30, 35, 30], [3, 5, 1, 4], [30, 30, 30, 30], 2, 2, 16),  # select's choices after one prompt
+    ([30, 12, 40, 25], [4, 6, 2, 5], [25, 0, 25, 25], 1, 3, 24),  # one shares nothing, one caches more
+    ([20, 20], [6, 6], [12, 20], 2, 4, 32),  # sharing less than the longest
+]
+
+
+@pytest.mark.parametrize("prefix_lens,new_lens,shared,hkv,group,head_dim", CASCADE_EXTENDS)
+def test_torch_cascade_extend_matches_reference(prefix_lens, new_lens, shared, hkv, group, head_dim):
+    """Short extends over a shared cached prefix (select's choices, fork branches): the prefix
+    gathered once, the new tokens causal among themselves, one softmax; the extend semantics."""
+    seed = seed_of("extend", prefix_lens, new_lens, shared)
+    case = make_case(ForwardMode.EXTEND, prefix_lens, new_lens, hkv, group, head_dim, torch.float32, seed)
+    case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
+    out = create_attention_backend("torch").forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
+    assert "cascade" in case.batch.attn_memo
+    b = case.batch
+    ref = ka.extend_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, prefix_lens,
+                                        new_lens, 0.3, None)  # fmt: skip
+    assert ref.std() > 0.05
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_cascade_is_skipped_where_padding_would_not_pay():
+    case = make_case(ForwardMode.EXTEND, [20, 20, 20], [40, 1, 1], 1, 2, 16, torch.float32, seed=11)
+    case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, [20, 20, 20], 12), [20, 20, 20]
+    out = create_attention_backend("torch").forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
+    assert "cascade" not in case.batch.attn_memo  # 3 x 40 padded queries for 42 real ones
+    b = case.batch
+    ref = ka.extend_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, [20] * 3,
+                                        [40, 1, 1], 0.3, None)  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def _cascade_args(**change):
     case = stored_case(make_case(ForwardMode.DECODE, [8, 12, 6], [1, 1, 1], 2, 2, 16, torch.float32, seed=8))
     cascade = dict(num_splits=1, shared_lens=share_prefix(case, [5, 5, 0], seed=9), prefix_splits=2, block_m=BLOCK)
@@ -501,7 +535,7 @@ def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_pa
 
 def test_engine_on_torch_backend_with_cascade_matches_without(monkeypatch, tmp_path):
     """The torch backend's cascade (the CPU default): same greedy tokens and logprobs as with
-    --disable-cascade-attention, and the shared prefix was found and used."""
+    --disable-cascade-attention, and the shared prefix was found and used in decode and extend."""
     import braid.runtime.scheduler as scheduler
 
     monkeypatch.setattr(scheduler, "CASCADE_MIN_SAVED", 1)
@@ -511,15 +545,16 @@ def test_engine_on_torch_backend_with_cascade_matches_without(monkeypatch, tmp_p
     params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 6}
     outputs, plans = {}, []
     original = layer_attention._cascade_plan
-    monkeypatch.setattr(layer_attention, "_cascade_plan", lambda batch: plans.append(batch.shared_lens_cpu)
-                        or original(batch))  # fmt: skip
+    monkeypatch.setattr(layer_attention, "_cascade_plan", lambda batch: plans.append(
+        (batch.mode, sorted(batch.shared_lens_cpu))) or original(batch))  # fmt: skip
     for disabled in (False, True):
         with bd.Engine(model_path=folder, device="cpu", max_total_tokens=512, cpu_threads=1,
                        disable_cascade_attention=disabled) as eng:  # fmt: skip
             outputs[disabled] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
             assert_at_rest(eng)
-        if not disabled:
-            assert [0] + [60] * 5 in [sorted(p) for p in plans], plans  # five share 60 tokens, one nothing
+        if not disabled:  # five share 60 tokens, one nothing; the four after the first extend over them
+            assert (ForwardMode.DECODE, [0] + [60] * 5) in plans, plans
+            assert any(mode is ForwardMode.EXTEND for mode, _ in plans), plans
             plans.clear()
     assert not plans
     for want, got in zip(outputs[True], outputs[False]):

@@ -91,14 +91,15 @@ class TorchAttention(AttentionBackend):
     doubles the work (always in DECODE, where n_max = 1); otherwise requests of similar size
     are grouped into buckets that each pass that test, and a request alone takes its own call.
     (One call per request was the bottleneck of select and fork batches: hundreds of short
-    extends over long cached prefixes, i.e. thousands of launches per layer.) A decode batch
-    that shares a prefix (``batch.shared_lens``) gathers the prefix's K/V once for all requests
-    instead of once per request (:func:`_cascade_attention`)."""
+    extends over long cached prefixes, i.e. thousands of launches per layer.) A batch whose
+    requests share a cached prefix (``batch.shared_lens``: decode, or extends of similar length
+    such as select's choices) gathers the prefix's K/V once for all of them instead of once per
+    request (:func:`_cascade_attention`)."""
 
     def forward(self, layer, q, k, v, batch, kv, scale, sliding_window):
         kv.store(layer, batch.out_slots, k, v)
         group = q.shape[1] // k.shape[1]
-        if batch.mode is ForwardMode.DECODE and batch.shared_lens is not None and sliding_window is None:
+        if sliding_window is None and _cascade_pays(batch):
             if "cascade" not in batch.attn_memo:
                 batch.attn_memo["cascade"] = _cascade_plan(batch)
             return _cascade_attention(layer, q, kv, scale, batch.attn_memo["cascade"])
@@ -296,48 +297,81 @@ def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, pla
 
 
 class CascadePlan(NamedTuple):
-    """Gather indices and masks of a decode batch sharing a prefix, shared by every layer."""
+    """Gather indices and masks of a batch sharing a prefix (cascade), shared by every layer."""
 
     prefix_slots: torch.Tensor  # (P,) KV slots of the longest shared prefix
     prefix_mask: torch.Tensor  # (B, P) bool: request i sees the first shared_lens[i] of them
     own_idx: torch.Tensor  # (B * L,) KV slot of each request's own keys, padded with slot 0
-    own_mask: torch.Tensor  # (B, L) bool
-    own_max: int  # L
+    own_mask: torch.Tensor  # (B, n, L) bool: the own keys each (padded) new token may see
+    q_rows: torch.Tensor | None  # (B * n,) packed row of each padded query; None: decode (n = 1)
+    out_rows: torch.Tensor | None  # (T,) padded row of each real query; None: decode
+
+
+def _cascade_pays(batch: ForwardBatch) -> bool:
+    """Cascade (shared lengths given, full attention) where padding the new tokens to the
+    longest extend at most doubles them, as the padded plan requires."""
+    if batch.shared_lens is None:
+        return False
+    ext = batch.extend_lens_cpu
+    return batch.mode is ForwardMode.DECODE or (min(ext) >= 1 and batch.batch_size * max(ext) <= 2 * batch.num_tokens)
 
 
 def _cascade_plan(batch: ForwardBatch) -> CascadePlan:
-    shared = batch.shared_lens_cpu
-    longest = max(shared)
+    shared, ext = batch.shared_lens_cpu, batch.extend_lens_cpu
+    longest, n_max = max(shared), max(ext)
     dev = batch.input_ids.device
+    t = lambda xs: to_device(xs, torch.int64, dev)  # noqa: E731
     prefix_slots = batch.req_to_token[batch.req_rows[shared.index(longest)], :longest]
     prefix_mask = torch.arange(longest, device=dev)[None, :] < batch.shared_lens[:, None]
     own_max = max(n - s for n, s in zip(batch.seq_lens_cpu, shared))
-    cols = batch.shared_lens[:, None] + torch.arange(own_max, device=dev)[None, :]  # (B, L)
-    own_mask = cols < batch.seq_lens[:, None]
+    cols = batch.shared_lens[:, None] + torch.arange(own_max, device=dev)[None, :]  # (B, L) key positions
+    key_valid = cols < batch.seq_lens[:, None]
     own_idx = batch.req_to_token[batch.req_rows[:, None], cols.clamp(max=batch.req_to_token.shape[1] - 1)]
-    return CascadePlan(prefix_slots, prefix_mask, own_idx.masked_fill(~own_mask, 0).reshape(-1), own_mask, own_max)
+    own_idx = own_idx.masked_fill(~key_valid, 0).reshape(-1)
+    if batch.mode is ForwardMode.DECODE:  # one query, the last position: it sees every valid key
+        return CascadePlan(prefix_slots, prefix_mask, own_idx, key_valid[:, None, :], None, None)
+    q_pos = t(batch.prefix_lens_cpu)[:, None] + torch.arange(n_max, device=dev)[None, :]  # (B, n)
+    own_mask = key_valid[:, None, :] & (cols[:, None, :] <= q_pos[:, :, None])  # causal among new tokens
+    starts = batch.extend_starts_cpu
+    q_rows = t([starts[b] + min(i, n - 1) for b, n in enumerate(ext) for i in range(n_max)])
+    out_rows = t([b * n_max + i for b, n in enumerate(ext) for i in range(n)])
+    return CascadePlan(prefix_slots, prefix_mask, own_idx, own_mask, q_rows, out_rows)
 
 
 def _cascade_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
-    """Decode attention with the shared prefix's K/V gathered once: the scores over the prefix
-    ``(B, Hkv, G, P)`` and over each request's own keys ``(B, Hkv, G, L)`` share one softmax, in
-    float32. The reference semantics exactly, with ``P + B * L`` keys gathered, not ``B * (P + L)``."""
-    bsz, num_q_heads, head_dim = q.shape
+    """Attention with the shared prefix's K/V gathered once: the scores of each request's new
+    tokens over the prefix and over its own keys share one softmax (a common max and
+    denominator), in float32. The reference semantics exactly, with ``P + B * L`` keys gathered,
+    not ``B * (P + L)``. Scores are laid out as the matmuls give them and updated in place: the
+    copies of a concatenated, permuted score tensor cost more than the matmuls (measured on the
+    CPU). Every new token sees at least itself: no empty row."""
+    bsz, n_own = plan.own_mask.shape[0], plan.own_mask.shape[2]
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv.k[layer].shape[1]
-    query = q.float().view(bsz, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    k_pre, v_pre = (pool[layer][plan.prefix_slots].float() for pool in (kv.k, kv.v))  # (P, Hkv, D)
-    own = plan.own_max
-    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, own, num_kv_heads, head_dim).float()
-                    for pool in (kv.k, kv.v))  # fmt: skip
-    scores = torch.cat([
-        torch.einsum("bhgd,phd->bhgp", query, k_pre).masked_fill(~plan.prefix_mask[:, None, None, :], float("-inf")),
-        torch.einsum("bhgd,blhd->bhgl", query, k_own).masked_fill(~plan.own_mask[:, None, None, :], float("-inf")),
-    ], dim=-1).mul_(scale)  # fmt: skip
-    probs = scores.softmax(-1)  # every request has a key of its own: no empty row
-    prefix_len = k_pre.shape[0]
-    out = torch.einsum("bhgp,phd->bhgd", probs[..., :prefix_len], v_pre)
-    out += torch.einsum("bhgl,blhd->bhgd", probs[..., prefix_len:], v_own)
-    return out.reshape(bsz, num_q_heads, head_dim).to(q.dtype)
+    group = num_q_heads // num_kv_heads
+    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
+    n = query.shape[0] // bsz
+    # (B, Hkv, G * n, D): the G query heads of a KV head and the n new tokens are its rows
+    query = (query.float() * scale).view(bsz, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    query = query.reshape(bsz, num_kv_heads, group * n, head_dim)
+    k_pre, v_pre = (pool[layer][plan.prefix_slots].float().transpose(0, 1) for pool in (kv.k, kv.v))  # (Hkv, P, D)
+    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, n_own, num_kv_heads, head_dim).float()
+                    .transpose(1, 2) for pool in (kv.k, kv.v))  # fmt: skip  (B, Hkv, L, D)
+    # prefix: one matmul per KV head over every request's rows, (Hkv, B, G * n, P)
+    s_pre = torch.matmul(query.transpose(0, 1).reshape(num_kv_heads, -1, head_dim), k_pre.transpose(1, 2))
+    s_pre = s_pre.view(num_kv_heads, bsz, group * n, -1)
+    s_pre.masked_fill_(~plan.prefix_mask[None, :, None, :], float("-inf"))
+    s_own = torch.matmul(query, k_own.transpose(2, 3))  # (B, Hkv, G * n, L)
+    s_own.view(bsz, num_kv_heads, group, n, n_own).masked_fill_(~plan.own_mask[:, None, None], float("-inf"))
+    top = torch.maximum(s_pre.amax(-1).transpose(0, 1), s_own.amax(-1))  # (B, Hkv, G * n), finite
+    s_pre.sub_(top.transpose(0, 1)[..., None]).exp_()
+    s_own.sub_(top[..., None]).exp_()
+    total = s_pre.sum(-1).transpose(0, 1) + s_own.sum(-1)
+    out = torch.matmul(s_pre.view(num_kv_heads, -1, s_pre.shape[-1]), v_pre).view(num_kv_heads, bsz, group * n, head_dim)
+    out = out.transpose(0, 1) + torch.matmul(s_own, v_own)
+    out = (out / total[..., None]).view(bsz, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(bsz * n, num_q_heads, head_dim).to(q.dtype)
+    return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
 
 
 def _extend_plan(batch, window: int | None, idx: list[int]) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
