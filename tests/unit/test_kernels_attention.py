@@ -239,6 +239,26 @@ def test_torch_cascade_extend_matches_reference(prefix_lens, new_lens, shared, h
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(layer_attention._CPU_FLASH is None, reason="this torch has no CPU flash attention op")
+@pytest.mark.parametrize("mode,prefix_lens,new_lens,shared", [
+    (ForwardMode.DECODE, [40, 33, 51, 35], [1, 1, 1, 1], [30, 30, 0, 30]),
+    (ForwardMode.EXTEND, [30, 30, 35, 12], [3, 5, 1, 4], [30, 30, 30, 0]),
+    (ForwardMode.EXTEND, [30, 30], [3, 5], [30, 30]),  # every request shares everything cached
+])  # fmt: skip
+def test_fused_cpu_cascade_matches_the_generic_one(mode, prefix_lens, new_lens, shared):
+    """The fast path (two fused attention calls merged by log-sum-exp) against its reference
+    (one explicit softmax over both key sets), on fresh random inputs."""
+    seed = seed_of("fused", mode, prefix_lens, shared)
+    case = stored_case(make_case(mode, prefix_lens, new_lens, 3, 3, 64, torch.float32, seed))
+    case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
+    plan = layer_attention._cascade_plan(case.batch)
+    assert plan.sharers is not None and plan.sharers.tolist() == [i for i, s in enumerate(shared) if s]
+    fast = layer_attention._cascade_attention_cpu(0, case.q, case.kv, 0.3, plan)
+    slow = layer_attention._cascade_attention_generic(0, case.q, case.kv, 0.3, plan)
+    assert slow.std() > 0.05
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=2e-5)
+
+
 def test_torch_cascade_is_skipped_where_padding_would_not_pay():
     case = make_case(ForwardMode.EXTEND, [20, 20, 20], [40, 1, 1], 1, 2, 16, torch.float32, seed=11)
     case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, [20, 20, 20], 12), [20, 20, 20]

@@ -305,12 +305,13 @@ class CascadePlan(NamedTuple):
     own_mask: torch.Tensor  # (B, n, L) bool: the own keys each (padded) new token may see
     q_rows: torch.Tensor | None  # (B * n,) packed row of each padded query; None: decode (n = 1)
     out_rows: torch.Tensor | None  # (T,) padded row of each real query; None: decode
+    sharers: torch.Tensor | None  # requests that share all P keys, when every other shares none
 
 
 def _cascade_pays(batch: ForwardBatch) -> bool:
     """Cascade (shared lengths given, full attention) where padding the new tokens to the
     longest extend at most doubles them, as the padded plan requires."""
-    if batch.shared_lens is None:
+    if batch.shared_lens is None or not max(batch.shared_lens_cpu):
         return False
     ext = batch.extend_lens_cpu
     return batch.mode is ForwardMode.DECODE or (min(ext) >= 1 and batch.batch_size * max(ext) <= 2 * batch.num_tokens)
@@ -328,17 +329,66 @@ def _cascade_plan(batch: ForwardBatch) -> CascadePlan:
     key_valid = cols < batch.seq_lens[:, None]
     own_idx = batch.req_to_token[batch.req_rows[:, None], cols.clamp(max=batch.req_to_token.shape[1] - 1)]
     own_idx = own_idx.masked_fill(~key_valid, 0).reshape(-1)
+    # all-or-nothing sharing (what SharedPrefixes gives): the fused CPU path can skip the prefix mask
+    sharers = t([i for i, s in enumerate(shared) if s]) if set(shared) <= {0, longest} else None
     if batch.mode is ForwardMode.DECODE:  # one query, the last position: it sees every valid key
-        return CascadePlan(prefix_slots, prefix_mask, own_idx, key_valid[:, None, :], None, None)
+        return CascadePlan(prefix_slots, prefix_mask, own_idx, key_valid[:, None, :], None, None, sharers)
     q_pos = t(batch.prefix_lens_cpu)[:, None] + torch.arange(n_max, device=dev)[None, :]  # (B, n)
     own_mask = key_valid[:, None, :] & (cols[:, None, :] <= q_pos[:, :, None])  # causal among new tokens
     starts = batch.extend_starts_cpu
     q_rows = t([starts[b] + min(i, n - 1) for b, n in enumerate(ext) for i in range(n_max)])
     out_rows = t([b * n_max + i for b, n in enumerate(ext) for i in range(n)])
-    return CascadePlan(prefix_slots, prefix_mask, own_idx, own_mask, q_rows, out_rows)
+    return CascadePlan(prefix_slots, prefix_mask, own_idx, own_mask, q_rows, out_rows, sharers)
+
+
+# torch's CPU flash attention, which also returns the log-sum-exp that merging two key sets needs
+# (a private op: where a torch build lacks it, the generic path below runs).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _cascade_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
+    """The cascade: the fused CPU path where it applies, the generic one (its reference) elsewhere."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None and plan.sharers is not None:
+        return _cascade_attention_cpu(layer, q, kv, scale, plan)
+    return _cascade_attention_generic(layer, q, kv, scale, plan)
+
+
+def _cascade_attention_cpu(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
+    """Two fused attention calls merged by log-sum-exp: every request's new tokens over its own
+    keys (padded, masked), and the sharers' new tokens over the prefix as the rows of one call
+    per KV head (no mask: each sharer sees all of it). Measured 1.5-1.8x faster than the
+    generic path on one CPU core (benchmarks/cascade_cpu.py)."""
+    bsz, n_own = plan.own_mask.shape[0], plan.own_mask.shape[2]
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv.k[layer].shape[1]
+    group = num_q_heads // num_kv_heads
+    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
+    n = query.shape[0] // bsz
+    query = query.float().view(bsz, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    query = query.reshape(bsz, num_kv_heads, group * n, head_dim)  # (B, Hkv, G * n, D)
+    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, n_own, num_kv_heads, head_dim).float()
+                    .transpose(1, 2) for pool in (kv.k, kv.v))  # fmt: skip
+    bias = torch.zeros(plan.own_mask.shape, dtype=torch.float32).masked_fill_(~plan.own_mask, float("-inf"))
+    bias = bias[:, None, None].expand(bsz, 1, group, n, n_own).reshape(bsz, 1, group * n, n_own)
+    out, lse = _CPU_FLASH(query, k_own, v_own, 0.0, False, attn_mask=bias, scale=scale)
+    sharers = plan.sharers
+    if len(sharers):
+        rows = query.index_select(0, sharers).transpose(0, 1).reshape(1, num_kv_heads, -1, head_dim)
+        k_pre, v_pre = (pool[layer][plan.prefix_slots].float().transpose(0, 1)[None] for pool in (kv.k, kv.v))
+        out_pre, lse_pre = _CPU_FLASH(rows, k_pre, v_pre, 0.0, False, scale=scale)
+        out_pre = out_pre.view(num_kv_heads, len(sharers), group * n, head_dim).transpose(0, 1)
+        lse_pre = lse_pre.view(num_kv_heads, len(sharers), group * n).transpose(0, 1)
+        out_s, lse_s = out.index_select(0, sharers), lse.index_select(0, sharers)
+        top = torch.maximum(lse_s, lse_pre)
+        w_own, w_pre = (lse_s - top).exp_(), (lse_pre - top).exp_()
+        merged = (out_s * w_own[..., None] + out_pre * w_pre[..., None]) / (w_own + w_pre)[..., None]
+        out = out.index_copy(0, sharers, merged)
+    out = out.view(bsz, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(bsz * n, num_q_heads, head_dim).to(q.dtype)
+    return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
+
+
+def _cascade_attention_generic(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
     """Attention with the shared prefix's K/V gathered once: the scores of each request's new
     tokens over the prefix and over its own keys share one softmax (a common max and
     denominator), in float32. The reference semantics exactly, with ``P + B * L`` keys gathered,
