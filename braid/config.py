@@ -51,7 +51,8 @@ class EngineConfig:
     disable_radix_cache: bool = _opt(False, "turn prefix caching off")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA graphs (GPU only)")
     disable_cascade_attention: bool = _opt(
-        False, "decode: read a prefix the running requests share once per step, not once per request"
+        False, "read a prefix the running requests share once per decode step (and per extend on the torch"
+        " backend), not once per request"
     )
     cuda_graph_max_bs: int = _opt(256, "largest decode batch captured as a CUDA graph; larger batches run eagerly")
     disable_overlap_schedule: bool = _opt(

@@ -96,7 +96,7 @@ class Scheduler:
         # the host's bookkeeping runs while the GPU computes (docs/architecture.md, "Overlap").
         self.overlap = runner.device.type == "cuda" and not config.disable_overlap_schedule
         self.in_flight: InFlight | None = None
-        # cascade attention: the prefix each decode batch shares (all 0s where it is not used)
+        # cascade attention: the prefix each batch's requests share (all 0s where it saves little)
         self.shared_prefixes = SharedPrefixes(CASCADE_MIN_SAVED) if runner.uses_cascade else None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0}
 
@@ -277,7 +277,8 @@ class Scheduler:
 
     # ---- forward passes -------------------------------------------------------------------------
     def _run_extend(self, reqs: list[Req]) -> None:
-        fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device, self._shared(reqs))
+        fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device,
+                                      self._shared(reqs, extend=True))  # fmt: skip
         logits = self.runner.forward(fb)
         for req in reqs:
             req.kv_len += req.extend_len
@@ -310,16 +311,20 @@ class Scheduler:
         if plain:
             logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table)
         else:
-            fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device, self._shared(reqs))
+            fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device,
+                                          self._shared(reqs, extend=True))  # fmt: skip
             logits = self.runner.forward(fb)[plan.sample_rows]
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
         self._sample_and_advance(reqs, logits, masks, new_to_running=False)
 
-    def _shared(self, reqs: list[Req]) -> list[int] | None:
-        """The prefix ``reqs`` share, for cascade attention; None where it is off."""
-        return self.shared_prefixes(reqs) if self.shared_prefixes is not None else None
+    def _shared(self, reqs: list[Req], extend: bool = False) -> list[int] | None:
+        """The prefix ``reqs`` share, for cascade attention; None where it is off (extends: only
+        the torch backend reads it, the Triton extend kernel does not)."""
+        if self.shared_prefixes is None or (extend and self.runner.attention_backend != "torch"):
+            return None
+        return self.shared_prefixes(reqs)
 
     def _decode_columns(self, reqs: list[Req]) -> list[list[int]]:
         return decode_columns(reqs, self._shared(reqs))
