@@ -52,7 +52,8 @@ def make_batch(requests: int, prefix: int, own: int, new: int) -> tuple[ForwardB
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(requests * new, dtype=torch.int64),
         positions=torch.arange(prefix + own, seq).repeat(requests), out_slots=table[:, prefix + own:].reshape(-1),
-        req_rows=torch.arange(requests), seq_lens=torch.full((requests,), seq), prefix_lens_cpu=[prefix + own] * requests,
+        req_rows=torch.arange(requests), seq_lens=torch.full((requests,), seq),
+        prefix_lens_cpu=[prefix + own] * requests,
         extend_lens_cpu=[new] * requests, seq_lens_cpu=[seq] * requests, logits_rows=torch.arange(requests),
         req_to_token=table,
     )  # fmt: skip

@@ -156,7 +156,8 @@ def main() -> None:
                                           for x in rates[:2])  # fmt: skip
             plain_cols = ""
             if shared:
-                plain_cols = f" {median([r.end_to_end for r in rates[2]]):>9.1f} | {median([r.decode for r in rates[2]]):>5.1f}"
+                plain_e, plain_d = median([r.end_to_end for r in rates[2]]), median([r.decode for r in rates[2]])
+                plain_cols = f" {plain_e:>9.1f} | {plain_d:>5.1f}"
             print(
                 f"{bs:>5} {bd_e:>7.1f} | {bd_d:>5.1f}{plain_cols} {hf_e:>7.1f} | {hf_d:>5.1f} {bw_floor:>16.1f} "
                 f"{mm_floor:>13.1f} {bd_d / min(bw_floor, mm_floor):>19.0%}"

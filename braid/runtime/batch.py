@@ -90,14 +90,15 @@ def build_decode_batch(columns: list[list[int]], table: torch.Tensor, device: to
 
 
 class SharedPrefixes:
-    """Finds the prefix a decode batch shares, for cascade attention (kernels/attention.py).
+    """Finds the prefix a batch's requests share, for cascade attention (layers/attention.py).
 
     A request's first ``cached_len`` KV slots are the radix-cache path to its locked
     ``last_node``, so two requests share exactly the slots down to the deepest node both paths
     pass through; those are computed before any pass (``cached_len <= kv_len``), so decode and
-    extend batches alike may read them as a prefix. The batch's prefix is the node that saves the most key reads: the most
-    ``(requests through it - 1) * depth``. Requests through it get its depth, the others 0. A
-    prefix saving fewer than ``min_saved`` key reads is not worth the extra pass: all 0s then.
+    extend batches alike may read them as a prefix. The batch's prefix is the node that saves
+    the most key reads: the most ``(requests through it - 1) * depth``. Requests through it get
+    its depth, the others 0. A prefix saving fewer than ``min_saved`` key reads is not worth the
+    extra pass: all 0s then.
 
     Decode batches keep their requests for many steps, so the answer for the last batch's
     ``last_node``s is kept (holding the nodes, so their ids cannot be reused meanwhile).

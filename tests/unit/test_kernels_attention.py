@@ -207,7 +207,8 @@ def test_backends_with_a_shared_prefix_match_reference(monkeypatch, backend, seq
     prefix = [n - 1 for n in seq_lens]
     case = make_case(ForwardMode.DECODE, prefix, [1] * len(seq_lens), hkv, group, head_dim, dtype, seed)
     case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
-    attn = create_attention_backend(backend, **({"extend_block": BLOCK, "decode_block": BLOCK} if backend == "triton" else {}))
+    blocks = {"extend_block": BLOCK, "decode_block": BLOCK} if backend == "triton" else {}
+    attn = create_attention_backend(backend, **blocks)
     out = attn.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
     assert "cascade" in case.batch.attn_memo or ("triton-splits", None, True) in case.batch.attn_memo
     b = case.batch

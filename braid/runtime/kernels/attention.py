@@ -486,7 +486,8 @@ def _prefix_kernel(
     req = offs_m // group
     heads = kv_head * group + offs_m % group
     mine = tl.load(shared_ptr + req, mask=m_valid, other=0).to(tl.int32)  # (M,) keys each row may see
-    hi = tl.minimum(tl.minimum(lo + per_split, prefix), tl.reduce(mine, 0, MAX_COMBINE))  # a tile of non-sharers reads nothing
+    # a tile of non-sharers reads nothing
+    hi = tl.minimum(tl.minimum(lo + per_split, prefix), tl.reduce(mine, 0, MAX_COMBINE))
     q_off = req.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # (M, D)
 

@@ -388,7 +388,9 @@ def _cascade_attention_cpu(layer: int, q: torch.Tensor, kv: KVPool, scale: float
     return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
 
 
-def _cascade_attention_generic(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
+def _cascade_attention_generic(
+    layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan
+) -> torch.Tensor:
     """Attention with the shared prefix's K/V gathered once: the scores of each request's new
     tokens over the prefix and over its own keys share one softmax (a common max and
     denominator), in float32. The reference semantics exactly, with ``P + B * L`` keys gathered,
@@ -417,7 +419,8 @@ def _cascade_attention_generic(layer: int, q: torch.Tensor, kv: KVPool, scale: f
     s_pre.sub_(top.transpose(0, 1)[..., None]).exp_()
     s_own.sub_(top[..., None]).exp_()
     total = s_pre.sum(-1).transpose(0, 1) + s_own.sum(-1)
-    out = torch.matmul(s_pre.view(num_kv_heads, -1, s_pre.shape[-1]), v_pre).view(num_kv_heads, bsz, group * n, head_dim)
+    out = torch.matmul(s_pre.view(num_kv_heads, -1, s_pre.shape[-1]), v_pre)
+    out = out.view(num_kv_heads, bsz, group * n, head_dim)
     out = out.transpose(0, 1) + torch.matmul(s_own, v_own)
     out = (out / total[..., None]).view(bsz, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(bsz * n, num_q_heads, head_dim).to(q.dtype)
