@@ -112,12 +112,13 @@ def decode_case(name, batch, length, shared, splits, device, bw, flush) -> None:
     shared_lens = torch.full((batch,), shared, device=device, dtype=torch.int32)
     sms = attn.num_sms(device)
     own = attn.decode_splits(batch, HKV, length - shared if shared else 4096, sms)
-    pre = attn.prefix_splits(batch, HQ // HKV, HKV, shared or 4096, sms, block_m=16 if device.type == "cpu" else 64)
+    block_m = 16 if device.type == "cpu" else attn.EXTEND_BLOCK  # the dry run's tiny batches
+    pre = attn.prefix_splits(batch, HQ // HKV, HKV, shared or 4096, sms, block_m=block_m)
 
     def cascade() -> torch.Tensor:
         return attn.decode_attention_triton(q, k_cache, v_cache, rows, req_rows, seq_lens, scale, None,
                                             num_splits=own, shared_lens=shared_lens, prefix_splits=pre,
-                                            block_m=16 if device.type == "cpu" else 64)  # fmt: skip
+                                            block_m=block_m)  # fmt: skip
 
     check(name + " cascade", cascade(), ours)
     us = time_us(cascade, flush)

@@ -252,7 +252,8 @@ def test_fused_cpu_cascade_matches_the_generic_one(mode, prefix_lens, new_lens, 
     seed = seed_of("fused", mode, prefix_lens, shared)
     case = stored_case(make_case(mode, prefix_lens, new_lens, 3, 3, 64, torch.float32, seed))
     case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
-    plan = layer_attention._cascade_plan(case.batch)
+    plan = layer_attention._cascade_plan(case.batch, group=3)
+    assert plan.own_bias is not None  # the plan picks the fused path
     assert plan.sharers is not None and plan.sharers.tolist() == [i for i, s in enumerate(shared) if s]
     fast = layer_attention._cascade_attention_cpu(0, case.q, case.kv, 0.3, plan)
     slow = layer_attention._cascade_attention_generic(0, case.q, case.kv, 0.3, plan)
@@ -566,8 +567,8 @@ def test_engine_on_torch_backend_with_cascade_matches_without(monkeypatch, tmp_p
     params = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 6}
     outputs, plans = {}, []
     original = layer_attention._cascade_plan
-    monkeypatch.setattr(layer_attention, "_cascade_plan", lambda batch: plans.append(
-        (batch.mode, sorted(batch.shared_lens_cpu))) or original(batch))  # fmt: skip
+    monkeypatch.setattr(layer_attention, "_cascade_plan", lambda batch, group: plans.append(
+        (batch.mode, sorted(batch.shared_lens_cpu))) or original(batch, group))  # fmt: skip
     for disabled in (False, True):
         with bd.Engine(model_path=folder, device="cpu", max_total_tokens=512, cpu_threads=1,
                        disable_cascade_attention=disabled) as eng:  # fmt: skip

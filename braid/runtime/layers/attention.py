@@ -101,7 +101,7 @@ class TorchAttention(AttentionBackend):
         group = q.shape[1] // k.shape[1]
         if sliding_window is None and _cascade_pays(batch):
             if "cascade" not in batch.attn_memo:
-                batch.attn_memo["cascade"] = _cascade_plan(batch)
+                batch.attn_memo["cascade"] = _cascade_plan(batch, group)
             return _cascade_attention(layer, q, kv, scale, batch.attn_memo["cascade"])
         if batch.mode is ForwardMode.DECODE or _padding_pays(batch):
             key = ("padded", sliding_window, group)
@@ -296,6 +296,11 @@ def _padded_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, pla
     return o if plan.out_rows is None else o.index_select(0, plan.out_rows)
 
 
+# torch's CPU flash attention, which also returns the log-sum-exp that merging two key sets needs
+# (a private op: where a torch build lacks it, the generic cascade runs).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 class CascadePlan(NamedTuple):
     """Gather indices and masks of a batch sharing a prefix (cascade), shared by every layer."""
 
@@ -306,6 +311,7 @@ class CascadePlan(NamedTuple):
     q_rows: torch.Tensor | None  # (B * n,) packed row of each padded query; None: decode (n = 1)
     out_rows: torch.Tensor | None  # (T,) padded row of each real query; None: decode
     sharers: torch.Tensor | None  # requests that share all P keys, when every other shares none
+    own_bias: torch.Tensor | None  # (B, 1, G * n, L) float own_mask for the fused CPU path; None: generic
 
 
 def _cascade_pays(batch: ForwardBatch) -> bool:
@@ -317,7 +323,8 @@ def _cascade_pays(batch: ForwardBatch) -> bool:
     return batch.mode is ForwardMode.DECODE or (min(ext) >= 1 and batch.batch_size * max(ext) <= 2 * batch.num_tokens)
 
 
-def _cascade_plan(batch: ForwardBatch) -> CascadePlan:
+def _cascade_plan(batch: ForwardBatch, group: int) -> CascadePlan:
+    """The plan for a batch whose ``G = group`` query heads share each KV head."""
     shared, ext = batch.shared_lens_cpu, batch.extend_lens_cpu
     longest, n_max = max(shared), max(ext)
     dev = batch.input_ids.device
@@ -332,25 +339,50 @@ def _cascade_plan(batch: ForwardBatch) -> CascadePlan:
     # all-or-nothing sharing (what SharedPrefixes gives): the fused CPU path can skip the prefix mask
     sharers = t([i for i, s in enumerate(shared) if s]) if set(shared) <= {0, longest} else None
     if batch.mode is ForwardMode.DECODE:  # one query, the last position: it sees every valid key
-        return CascadePlan(prefix_slots, prefix_mask, own_idx, key_valid[:, None, :], None, None, sharers)
-    q_pos = t(batch.prefix_lens_cpu)[:, None] + torch.arange(n_max, device=dev)[None, :]  # (B, n)
-    own_mask = key_valid[:, None, :] & (cols[:, None, :] <= q_pos[:, :, None])  # causal among new tokens
-    starts = batch.extend_starts_cpu
-    q_rows = t([starts[b] + min(i, n - 1) for b, n in enumerate(ext) for i in range(n_max)])
-    out_rows = t([b * n_max + i for b, n in enumerate(ext) for i in range(n)])
-    return CascadePlan(prefix_slots, prefix_mask, own_idx, own_mask, q_rows, out_rows, sharers)
-
-
-# torch's CPU flash attention, which also returns the log-sum-exp that merging two key sets needs
-# (a private op: where a torch build lacks it, the generic path below runs).
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        own_mask, q_rows, out_rows = key_valid[:, None, :], None, None
+    else:
+        q_pos = t(batch.prefix_lens_cpu)[:, None] + torch.arange(n_max, device=dev)[None, :]  # (B, n)
+        own_mask = key_valid[:, None, :] & (cols[:, None, :] <= q_pos[:, :, None])  # causal among new tokens
+        starts = batch.extend_starts_cpu
+        q_rows = t([starts[b] + min(i, n - 1) for b, n in enumerate(ext) for i in range(n_max)])
+        out_rows = t([b * n_max + i for b, n in enumerate(ext) for i in range(n)])
+    own_bias = None
+    if dev.type == "cpu" and _CPU_FLASH is not None and sharers is not None:  # once, not per layer
+        bsz, n, own = own_mask.shape
+        own_bias = torch.zeros(own_mask.shape).masked_fill_(~own_mask, float("-inf"))
+        own_bias = own_bias[:, None, None].expand(bsz, 1, group, n, own).reshape(bsz, 1, group * n, own)
+    return CascadePlan(prefix_slots, prefix_mask, own_idx, own_mask, q_rows, out_rows, sharers, own_bias)
 
 
 def _cascade_attention(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
     """The cascade: the fused CPU path where it applies, the generic one (its reference) elsewhere."""
-    if q.device.type == "cpu" and _CPU_FLASH is not None and plan.sharers is not None:
+    if plan.own_bias is not None:
         return _cascade_attention_cpu(layer, q, kv, scale, plan)
     return _cascade_attention_generic(layer, q, kv, scale, plan)
+
+
+def _cascade_inputs(layer: int, q: torch.Tensor, kv: KVPool, plan: CascadePlan):
+    """Both paths' operands, float32: the queries ``(B, Hkv, G * n, D)`` (the G query heads of a
+    KV head and the n new tokens are its rows) and each request's own keys and values
+    ``(B, Hkv, L, D)``."""
+    bsz, n_own = plan.own_mask.shape[0], plan.own_mask.shape[2]
+    num_kv_heads, head_dim = kv.k[layer].shape[1], q.shape[2]
+    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
+    n = query.shape[0] // bsz
+    query = query.float().view(bsz, n, num_kv_heads, -1, head_dim).permute(0, 2, 3, 1, 4)
+    query = query.reshape(bsz, num_kv_heads, -1, head_dim)
+    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, n_own, num_kv_heads, head_dim).float()
+                    .transpose(1, 2) for pool in (kv.k, kv.v))  # fmt: skip
+    return query, k_own, v_own
+
+
+def _cascade_output(out: torch.Tensor, q: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
+    """``(B, Hkv, G * n, D)`` back to the packed ``(T, Hq, D)`` of the real new tokens, q's dtype."""
+    bsz, num_kv_heads, rows, head_dim = out.shape
+    n = plan.own_mask.shape[1]
+    out = out.view(bsz, num_kv_heads, rows // n, n, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(bsz * n, q.shape[1], head_dim).to(q.dtype)
+    return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
 
 
 def _cascade_attention_cpu(layer: int, q: torch.Tensor, kv: KVPool, scale: float, plan: CascadePlan) -> torch.Tensor:
@@ -358,34 +390,22 @@ def _cascade_attention_cpu(layer: int, q: torch.Tensor, kv: KVPool, scale: float
     keys (padded, masked), and the sharers' new tokens over the prefix as the rows of one call
     per KV head (no mask: each sharer sees all of it). Measured 1.5-1.8x faster than the
     generic path on one CPU core (benchmarks/cascade_cpu.py)."""
-    bsz, n_own = plan.own_mask.shape[0], plan.own_mask.shape[2]
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = kv.k[layer].shape[1]
-    group = num_q_heads // num_kv_heads
-    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
-    n = query.shape[0] // bsz
-    query = query.float().view(bsz, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    query = query.reshape(bsz, num_kv_heads, group * n, head_dim)  # (B, Hkv, G * n, D)
-    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, n_own, num_kv_heads, head_dim).float()
-                    .transpose(1, 2) for pool in (kv.k, kv.v))  # fmt: skip
-    bias = torch.zeros(plan.own_mask.shape, dtype=torch.float32).masked_fill_(~plan.own_mask, float("-inf"))
-    bias = bias[:, None, None].expand(bsz, 1, group, n, n_own).reshape(bsz, 1, group * n, n_own)
-    out, lse = _CPU_FLASH(query, k_own, v_own, 0.0, False, attn_mask=bias, scale=scale)
+    query, k_own, v_own = _cascade_inputs(layer, q, kv, plan)
+    num_kv_heads, rows_per_head, head_dim = query.shape[1:]
+    out, lse = _CPU_FLASH(query, k_own, v_own, 0.0, False, attn_mask=plan.own_bias, scale=scale)
     sharers = plan.sharers
     if len(sharers):
         rows = query.index_select(0, sharers).transpose(0, 1).reshape(1, num_kv_heads, -1, head_dim)
         k_pre, v_pre = (pool[layer][plan.prefix_slots].float().transpose(0, 1)[None] for pool in (kv.k, kv.v))
         out_pre, lse_pre = _CPU_FLASH(rows, k_pre, v_pre, 0.0, False, scale=scale)
-        out_pre = out_pre.view(num_kv_heads, len(sharers), group * n, head_dim).transpose(0, 1)
-        lse_pre = lse_pre.view(num_kv_heads, len(sharers), group * n).transpose(0, 1)
+        out_pre = out_pre.view(num_kv_heads, len(sharers), rows_per_head, head_dim).transpose(0, 1)
+        lse_pre = lse_pre.view(num_kv_heads, len(sharers), rows_per_head).transpose(0, 1)
         out_s, lse_s = out.index_select(0, sharers), lse.index_select(0, sharers)
         top = torch.maximum(lse_s, lse_pre)
         w_own, w_pre = (lse_s - top).exp_(), (lse_pre - top).exp_()
         merged = (out_s * w_own[..., None] + out_pre * w_pre[..., None]) / (w_own + w_pre)[..., None]
         out = out.index_copy(0, sharers, merged)
-    out = out.view(bsz, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(bsz * n, num_q_heads, head_dim).to(q.dtype)
-    return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
+    return _cascade_output(out, q, plan)
 
 
 def _cascade_attention_generic(
@@ -397,34 +417,25 @@ def _cascade_attention_generic(
     not ``B * (P + L)``. Scores are laid out as the matmuls give them and updated in place: the
     copies of a concatenated, permuted score tensor cost more than the matmuls (measured on the
     CPU). Every new token sees at least itself: no empty row."""
-    bsz, n_own = plan.own_mask.shape[0], plan.own_mask.shape[2]
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = kv.k[layer].shape[1]
-    group = num_q_heads // num_kv_heads
-    query = q if plan.q_rows is None else q.index_select(0, plan.q_rows)
-    n = query.shape[0] // bsz
-    # (B, Hkv, G * n, D): the G query heads of a KV head and the n new tokens are its rows
-    query = (query.float() * scale).view(bsz, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    query = query.reshape(bsz, num_kv_heads, group * n, head_dim)
+    query, k_own, v_own = _cascade_inputs(layer, q, kv, plan)
+    query = query * scale
+    bsz, num_kv_heads, rows_per_head, head_dim = query.shape
+    n, n_own = plan.own_mask.shape[1], plan.own_mask.shape[2]
     k_pre, v_pre = (pool[layer][plan.prefix_slots].float().transpose(0, 1) for pool in (kv.k, kv.v))  # (Hkv, P, D)
-    k_own, v_own = (pool[layer].index_select(0, plan.own_idx).view(bsz, n_own, num_kv_heads, head_dim).float()
-                    .transpose(1, 2) for pool in (kv.k, kv.v))  # fmt: skip  (B, Hkv, L, D)
     # prefix: one matmul per KV head over every request's rows, (Hkv, B, G * n, P)
     s_pre = torch.matmul(query.transpose(0, 1).reshape(num_kv_heads, -1, head_dim), k_pre.transpose(1, 2))
-    s_pre = s_pre.view(num_kv_heads, bsz, group * n, -1)
+    s_pre = s_pre.view(num_kv_heads, bsz, rows_per_head, -1)
     s_pre.masked_fill_(~plan.prefix_mask[None, :, None, :], float("-inf"))
     s_own = torch.matmul(query, k_own.transpose(2, 3))  # (B, Hkv, G * n, L)
-    s_own.view(bsz, num_kv_heads, group, n, n_own).masked_fill_(~plan.own_mask[:, None, None], float("-inf"))
+    s_own.view(bsz, num_kv_heads, -1, n, n_own).masked_fill_(~plan.own_mask[:, None, None], float("-inf"))
     top = torch.maximum(s_pre.amax(-1).transpose(0, 1), s_own.amax(-1))  # (B, Hkv, G * n), finite
     s_pre.sub_(top.transpose(0, 1)[..., None]).exp_()
     s_own.sub_(top[..., None]).exp_()
     total = s_pre.sum(-1).transpose(0, 1) + s_own.sum(-1)
     out = torch.matmul(s_pre.view(num_kv_heads, -1, s_pre.shape[-1]), v_pre)
-    out = out.view(num_kv_heads, bsz, group * n, head_dim)
+    out = out.view(num_kv_heads, bsz, rows_per_head, head_dim)
     out = out.transpose(0, 1) + torch.matmul(s_own, v_own)
-    out = (out / total[..., None]).view(bsz, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(bsz * n, num_q_heads, head_dim).to(q.dtype)
-    return out if plan.out_rows is None else out.index_select(0, plan.out_rows)
+    return _cascade_output(out / total[..., None], q, plan)
 
 
 def _extend_plan(batch, window: int | None, idx: list[int]) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
