@@ -82,7 +82,7 @@ def dense_kv(k_cache, v_cache, rows: torch.Tensor, length: int) -> tuple[torch.T
     return k_cache[slots].transpose(1, 2).contiguous(), v_cache[slots].transpose(1, 2).contiguous()
 
 
-def decode_case(name, batch, length, shared, splits, device, bw, flush) -> None:
+def decode_case(name, batch, length, shared, splits, device, bw, flush, prefix_blocks=()) -> None:
     lengths = [length] * batch
     rows = table(lengths, shared, device)
     k_cache, v_cache = kv_pool(int(rows.max()), device)
@@ -125,6 +125,20 @@ def decode_case(name, batch, length, shared, splits, device, bw, flush) -> None:
     floor = floor_unique if shared else floor_all
     print(f"{name:<34} cascade {own:>2}+{pre:<2}    braid {us:8.1f} us   floor {floor:8.1f} us"
           f"{' unique' if shared else ''}   braid reads {(unique_bytes if shared else all_bytes) / us / 1e3:7.0f} GB/s")
+    if not shared:
+        return
+    # the prefix pass's tile height and split count, beside the engine's choice above
+    for bm in prefix_blocks:
+        auto_pre = attn.prefix_splits(batch, HQ // HKV, HKV, shared, sms, block_m=bm)
+        for p in sorted({max(1, auto_pre // 2), auto_pre, 2 * auto_pre}):
+            def run(bm=bm, p=p) -> torch.Tensor:
+                return attn.decode_attention_triton(q, k_cache, v_cache, rows, req_rows, seq_lens, scale, None,
+                                                    num_splits=own, shared_lens=shared_lens, prefix_splits=p,
+                                                    block_m=bm)  # fmt: skip
+
+            check(f"{name} cascade block_m {bm}", run(), ours)
+            mark = " (auto)" if p == auto_pre else ""
+            print(f"{name:<34} cascade block_m {bm:>3} splits {own}+{p}{mark}  braid {time_us(run, flush):8.1f} us")
 
 
 def extend_case(name, extend_lens, prefix, device, rate, flush) -> None:
@@ -158,10 +172,13 @@ def extend_case(name, extend_lens, prefix, device, rate, flush) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", default="1,2,4,8", help="decode split counts to try beside the automatic one")
+    ap.add_argument("--prefix-blocks", default="",
+                    help="cascade prefix-pass tile heights (block_m) to sweep on the shared-prefix case, e.g. 32,64,128")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script only")
     args = ap.parse_args()
     device = torch.device("cpu" if args.dry_run else "cuda")
     splits = [int(s) for s in args.splits.split(",") if s]
+    prefix_blocks = [int(b) for b in args.prefix_blocks.split(",") if b]
     bw = copy_bandwidth_gbs(device, mbytes=16 if args.dry_run else 256)
     rate = matmul_tflops(device, torch.bfloat16, n=256 if args.dry_run else 4096)
     name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(device)
@@ -171,7 +188,8 @@ def main() -> None:
     with torch.inference_mode():
         decode_case("decode b1 x 384 (batch-1 workload)", 1, 384 // k, 0, splits, device, bw, flush)
         decode_case("decode b256 x 576 (offline)", 256 // k, 576 // k, 0, splits, device, bw, flush)
-        decode_case("decode b64 x 2100, 2000 shared", 64 // k, 2100 // k, 2000 // k, splits, device, bw, flush)
+        decode_case("decode b64 x 2100, 2000 shared", 64 // k, 2100 // k, 2000 // k, splits, device, bw, flush,
+                    prefix_blocks)
         decode_case("decode b64 x 2100, distinct", 64 // k, 2100 // k, 0, splits, device, bw, flush)
         decode_case("decode b64 x 100 (suffixes alone)", 64 // k, 100 // k, 0, splits, device, bw, flush)
         extend_case("extend 4 x 512 (offline chunk)", [512 // k] * 4, 0, device, rate, flush)

@@ -240,7 +240,7 @@ def decode_attention_triton(
             q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens, *common,
             batch, group, head_dim, prefix_splits, total, FP32_DOT=fp32_dot, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_B=power_of_two_at_least(batch),
-            num_warps=4, num_stages=1 if fp32_dot else 2,
+            num_warps=4 if block_m <= 64 else 8, num_stages=1 if fp32_dot else 2,
         )  # fmt: skip
     kernels.decode[(batch, k_cache.shape[1], num_splits)](
         q, k_cache, v_cache, partial, lse, req_to_token, req_rows, seq_lens,
