@@ -30,6 +30,7 @@ import time
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, param_bytes, sync
+from benchmarks.make_random_llama import LLAMA31_8B
 from benchmarks.make_random_llama import ensure_model
 
 REPEATS = 3
@@ -136,9 +137,10 @@ def masking_rows(eng, batch: int, n_out: int, vocab: int, profile: bool = False)
             statistics.median(host["free"]), statistics.median(host["tied"]))
 
 
-def standalone_fill(tokenizer_dir: str, backend: str, rows: int = 64, steps: int = 64) -> float:
+def standalone_fill(tokenizer_dir: str, backend: str, width: int = 0, rows: int = 64, steps: int = 64) -> float:
     """Median seconds to fill ``rows`` masks, matchers walking random tokens inside the string of
-    LONG_STRING (never the closing quote while another token is allowed), outside any engine."""
+    LONG_STRING (never the closing quote while another token is allowed), outside any engine.
+    ``width``: the logits' width (0: the tokenizer's), as a model wider than its tokenizer has."""
     import random
 
     from transformers import AutoTokenizer
@@ -147,11 +149,11 @@ def standalone_fill(tokenizer_dir: str, backend: str, rows: int = 64, steps: int
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab, stops = len(tok), [tok.eos_token_id]
-    grammar = create_backend(backend, tok, vocab, stops)
+    grammar = create_backend(backend, tok, max(width, vocab), stops)
     compiled = grammar.compile(GrammarSpec("json_schema", json.dumps(LONG_STRING)))
     matchers = [grammar.matcher(compiled) for _ in range(rows)]
     quotes = [tok.decode([i]).count('"') + (i in stops) * 9 for i in range(vocab)]  # what closes the string
-    rng, bitmask, times = random.Random(0), allocate_bitmask(rows, vocab), []
+    rng, bitmask, times = random.Random(0), allocate_bitmask(rows, max(width, vocab)), []
     shifts = torch.arange(32, dtype=torch.int32)
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -218,9 +220,12 @@ def main() -> None:
         ensure_model(a.model, a.layers, dev, a.dry_run)
     # the model's tokenizer; --fill-only needs no model: $BRAID_TOKENIZER_DIR, which the model gets
     tokenizer_dir = os.environ.get("BRAID_TOKENIZER_DIR", a.model) if a.fill_only else a.model
+    print(f"CPUs usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}", flush=True)
     for backend in a.backends.split(","):
-        t = standalone_fill(tokenizer_dir, backend)
-        print(f"standalone fill, {backend}: 64 rows in {t * 1e3:.2f} ms ({t / 64 * 1e6:.1f} us a row)", flush=True)
+        for width in (0, LLAMA31_8B["vocab_size"]):  # the tokenizer's width, and the benchmark model's logits
+            t = standalone_fill(tokenizer_dir, backend, width)
+            print(f"standalone fill, {backend}, {width or 'tokenizer'} wide: 64 rows in {t * 1e3:.2f} ms "
+                  f"({t / 64 * 1e6:.1f} us a row)", flush=True)  # fmt: skip
     if a.fill_only:
         return
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
