@@ -141,7 +141,7 @@ def decode_case(name, batch, length, shared, splits, device, bw, flush, prefix_b
             print(f"{name:<34} cascade block_m {bm:>3} splits {own}+{p}{mark}  braid {time_us(run, flush):8.1f} us")
 
 
-def extend_case(name, extend_lens, prefix, device, rate, flush) -> None:
+def extend_case(name, extend_lens, prefix, device, rate, flush, prefix_blocks=()) -> None:
     lengths = [prefix + n for n in extend_lens]
     rows = table(lengths, prefix, device)
     k_cache, v_cache = kv_pool(int(rows.max()), device)
@@ -167,6 +167,20 @@ def extend_case(name, extend_lens, prefix, device, rate, flush) -> None:
     floor = flops / rate / 1e6
     print(f"{name:<34} braid {us:9.1f} us ({flops / us / 1e6:5.0f} TFLOP/s)   sdpa {peer_us:9.1f} us   "
           f"floor {floor:8.1f} us")  # fmt: skip
+    if not prefix:
+        return
+    # cascade: every request shares the cached prefix, read once per KV head and split
+    sms = attn.num_sms(device)
+    cascade_plan = attn.plan_extend([prefix] * len(extend_lens), extend_lens, device, shared_lens=[prefix] * len(lengths))
+    prefix_blocks = [16] if device.type == "cpu" else prefix_blocks  # the dry run's tiny batches
+    for bm in sorted({attn.EXTEND_BLOCK, *prefix_blocks}):
+        pre = attn.prefix_splits(total, HQ // HKV, HKV, prefix, sms, block_m=bm)
+
+        def run(bm=bm, pre=pre) -> torch.Tensor:
+            return attn.extend_attention_triton(q, k_cache, v_cache, rows, req_rows, cascade_plan, scale, None, pre, bm)
+
+        check(f"{name} cascade block_m {bm}", run(), peer())
+        print(f"{name:<34} cascade block_m {bm:>3} prefix splits {pre:<2}  braid {time_us(run, flush):9.1f} us")
 
 
 def main() -> None:
@@ -194,7 +208,10 @@ def main() -> None:
         decode_case("decode b64 x 100 (suffixes alone)", 64 // k, 100 // k, 0, splits, device, bw, flush)
         extend_case("extend 4 x 512 (offline chunk)", [512 // k] * 4, 0, device, rate, flush)
         extend_case("extend 16 x 512 (8,192-token chunk)", [512 // k] * (16 // k), 0, device, rate, flush)
-        extend_case("extend 32 x 64 over 2,000 shared", [64 // k] * (32 // k), 2000 // k, device, rate, flush)
+        extend_case("extend 32 x 64 over 2,000 shared", [64 // k] * (32 // k), 2000 // k, device, rate, flush,
+                    prefix_blocks)
+        extend_case("extend 75 x 12 over 1,070 shared (select)", [max(1, 12 // k)] * (75 // k), 1070 // k, device,
+                    rate, flush, prefix_blocks)
         extend_case("extend 1 x 2,048 (the prefix)", [2048 // k], 0, device, rate, flush)
 
 

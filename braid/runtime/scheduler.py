@@ -278,7 +278,7 @@ class Scheduler:
     # ---- forward passes -------------------------------------------------------------------------
     def _run_extend(self, reqs: list[Req]) -> None:
         fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device,
-                                      self._shared(reqs, extend=True))  # fmt: skip
+                                      self._shared(reqs))  # fmt: skip
         logits = self.runner.forward(fb)
         for req in reqs:
             req.kv_len += req.extend_len
@@ -312,19 +312,16 @@ class Scheduler:
             logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table)
         else:
             fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device,
-                                          self._shared(reqs, extend=True))  # fmt: skip
+                                          self._shared(reqs))  # fmt: skip
             logits = self.runner.forward(fb)[plan.sample_rows]
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
         self._sample_and_advance(reqs, logits, masks, new_to_running=False)
 
-    def _shared(self, reqs: list[Req], extend: bool = False) -> list[int] | None:
-        """The prefix ``reqs`` share, for cascade attention; None where it is off (extends: only
-        the torch backend reads it, the Triton extend kernel does not)."""
-        if self.shared_prefixes is None or (extend and self.runner.attention_backend != "torch"):
-            return None
-        return self.shared_prefixes(reqs)
+    def _shared(self, reqs: list[Req]) -> list[int] | None:
+        """The prefix ``reqs`` share, for cascade attention; None where it is off."""
+        return None if self.shared_prefixes is None else self.shared_prefixes(reqs)
 
     def _decode_columns(self, reqs: list[Req]) -> list[list[int]]:
         return decode_columns(reqs, self._shared(reqs))

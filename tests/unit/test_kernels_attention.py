@@ -224,20 +224,76 @@ CASCADE_EXTENDS = [  # (prefix lens, new lens, shared lens, Hkv, group, head_dim
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("prefix_lens,new_lens,shared,hkv,group,head_dim", CASCADE_EXTENDS)
-def test_torch_cascade_extend_matches_reference(prefix_lens, new_lens, shared, hkv, group, head_dim):
+def test_cascade_extend_matches_reference(monkeypatch, backend, prefix_lens, new_lens, shared, hkv, group, head_dim):
     """Short extends over a shared cached prefix (select's choices, fork branches): the prefix
-    gathered once, the new tokens causal among themselves, one softmax; the extend semantics."""
+    read once for all sharers, the new tokens causal among themselves over the rest, merged
+    (torch: one softmax; triton: the prefix pass and the extend kernel, merged by log-sum-exp);
+    the extend semantics."""
+    blocks = {}
+    if backend == "triton":
+        if ka.triton is None:
+            pytest.skip("needs triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        blocks = {"extend_block": BLOCK, "decode_block": BLOCK}
     seed = seed_of("extend", prefix_lens, new_lens, shared)
     case = make_case(ForwardMode.EXTEND, prefix_lens, new_lens, hkv, group, head_dim, torch.float32, seed)
     case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, seed), list(shared)
-    out = create_attention_backend("torch").forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
-    assert "cascade" in case.batch.attn_memo
+    attn = create_attention_backend(backend, **blocks)
+    out = attn.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
+    memo = case.batch.attn_memo
+    assert "cascade" in memo if backend == "torch" else memo[("triton-tiles", True)][0].tok_req is not None
     b = case.batch
     ref = ka.extend_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, prefix_lens,
                                         new_lens, 0.3, None)  # fmt: skip
     assert ref.std() > 0.05
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+CASCADE_EXTEND_KERNEL = [  # (prefix lens, new lens, shared lens, Hkv, group, head_dim, dtype, prefix splits)
+    ([40, 40, 45, 40, 40], [3, 5, 1, 4, 20], [40, 40, 40, 40, 40], 2, 2, 64, torch.float32, 1),  # one tile longer
+    ([40, 12, 50, 35], [4, 6, 2, 5], [35, 0, 35, 35], 1, 4, 32, torch.bfloat16, 3),  # a non-sharer; GQA 4
+    ([30, 30, 30], [7, 2, 9], [18, 30, 30], 2, 3, 24, torch.float16, 8),  # one shares less; more splits than blocks
+]
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("prefix_lens,new_lens,shared,hkv,group,head_dim,dtype,prefix_splits", CASCADE_EXTEND_KERNEL)
+def test_cascade_extend_kernel_matches_reference(prefix_lens, new_lens, shared, hkv, group, head_dim, dtype,
+                                                 prefix_splits):  # fmt: skip
+    seed = seed_of("extend kernel", prefix_lens, new_lens, shared, dtype)
+    case = stored_case(make_case(ForwardMode.EXTEND, prefix_lens, new_lens, hkv, group, head_dim, dtype, seed))
+    share_prefix(case, shared, seed)
+    b, k_cache, v_cache = case.batch, case.kv.k[0], case.kv.v[0]
+    plan = ka.plan_extend(prefix_lens, new_lens, case.q.device, block_m=BLOCK, shared_lens=shared)
+    assert plan.tok_req.tolist() == [i for i, n in enumerate(new_lens) for _ in range(n)]
+    out = ka.extend_attention_triton(case.q, k_cache, v_cache, b.req_to_token, b.req_rows, plan, 0.3, None,
+                                     prefix_splits)  # fmt: skip
+    ref = ka.extend_attention_reference(case.q, k_cache, v_cache, b.req_to_token, b.req_rows, prefix_lens, new_lens,
+                                        0.3, None)  # fmt: skip
+    assert ref.float().std() > 0.05, "degenerate reference"
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_cascade_extend_wrapper_asserts_before_launch():
+    case = stored_case(make_case(ForwardMode.EXTEND, [20, 20], [3, 2], 1, 2, 16, torch.float32, seed=5))
+    share_prefix(case, [12, 12], seed=6)
+    b = case.batch
+    args = (case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows)
+    plan = ka.plan_extend([20, 20], [3, 2], case.q.device, block_m=BLOCK, shared_lens=[12, 12])
+    with pytest.raises(AssertionError, match="prefix_splits"):
+        ka.extend_attention_triton(*args, plan, 0.3, None)
+    with pytest.raises(AssertionError, match="not a sliding window"):
+        ka.extend_attention_triton(*args, plan, 0.3, 4, 2)
+    unshared = ka.plan_extend([20, 20], [3, 2], case.q.device, block_m=BLOCK, shared_lens=[16, 16])
+    with pytest.raises(AssertionError, match="does not share its first 16 slots"):
+        ka.extend_attention_triton(*args, unshared, 0.3, None, 2)
+    with pytest.raises(AssertionError, match="within the cached prefixes"):
+        ka.plan_extend([20, 20], [3, 2], case.q.device, shared_lens=[21, 0])
 
 
 @pytest.mark.skipif(layer_attention._CPU_FLASH is None, reason="this torch has no CPU flash attention op")
@@ -395,7 +451,12 @@ def test_extend_plan_covers_every_token_once_longest_first():
     assert covered == [(i, t) for i in range(4) for t in range(ext[i])]
     keys = [prefix[i] + min(m + 16, ext[i]) for i, m in tiles]
     assert keys == sorted(keys, reverse=True)
-    assert plan.req_meta.tolist() == [prefix, ext, [0, 35, 37, 37]] and plan.num_tokens == 53
+    assert plan.req_meta.tolist() == [prefix, ext, [0, 35, 37, 37], [0] * 4] and plan.num_tokens == 53
+    assert plan.tok_req is None
+    shared = ka.plan_extend(prefix, ext, torch.device("cpu"), block_m=16, shared_lens=[0, 40, 0, 9])
+    keys = [prefix[i] - [0, 40, 0, 9][i] + min(m + 16, ext[i]) for i, m in zip(shared.tile_req.tolist(),
+                                                                            shared.tile_start.tolist())]  # fmt: skip
+    assert keys == sorted(keys, reverse=True) and shared.req_meta[3].tolist() == [0, 40, 0, 9]
 
 
 def test_decode_split_policy():
@@ -522,20 +583,28 @@ def test_engine_on_triton_backend_matches_torch_backend(monkeypatch, tmp_path, a
 @needs_triton
 @pytest.mark.usefixtures("interpret")
 def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_path):
-    """Requests decoding under one cached prefix: the scheduler finds it in the radix cache and the
-    Triton backend reads it once per step (cascade); tokens and logprobs match the torch backend."""
+    """Requests prefilled and decoding under one cached prefix: the scheduler finds it in the radix
+    cache and the Triton backend reads it once per pass (cascade, in the extend and in decode);
+    tokens and logprobs match the torch backend."""
     import braid.runtime.scheduler as scheduler
 
     monkeypatch.setattr(scheduler, "CASCADE_MIN_SAVED", 1)  # tiny prompts: any sharing counts
     seen: list[list[int] | None] = []
-    original = ka.decode_attention_triton
+    extends: list[list[int]] = []
+    decode, extend = ka.decode_attention_triton, ka.extend_attention_triton
 
     def recording(*args, **kwargs):
         shared = kwargs.get("shared_lens")
         seen.append(None if shared is None else shared.tolist())
-        return original(*args, **kwargs)
+        return decode(*args, **kwargs)
+
+    def recording_extend(q, k_cache, v_cache, req_to_token, req_rows, plan, *rest):
+        if plan.tok_req is not None:
+            extends.append(plan.req_meta[3].tolist())
+        return extend(q, k_cache, v_cache, req_to_token, req_rows, plan, *rest)
 
     monkeypatch.setattr(ka, "decode_attention_triton", recording)
+    monkeypatch.setattr(ka, "extend_attention_triton", recording_extend)
     folder = make_engine_model("llama3", tmp_path, num_hidden_layers=2)
     system = random_prompts(1, 40, 40, 300, seed=3)[0]
     prompts = [system + own for own in random_prompts(4, 3, 9, 300, seed=4)]
@@ -544,10 +613,13 @@ def test_engine_with_cascade_attention_matches_torch_backend(monkeypatch, tmp_pa
     for backend in ("torch", "triton"):  # the reference: torch without cascade
         with bd.Engine(model_path=folder, device="cpu", attention_backend=backend, max_total_tokens=512,
                        cpu_threads=1, disable_cascade_attention=backend == "torch") as eng:  # fmt: skip
+            eng.generate(input_ids=[system], sampling_params={"max_new_tokens": 1})  # cache the prefix
             outputs[backend] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
             assert_at_rest(eng)
-    # every layer of at least one decode step attended the 40 shared tokens once for 4 requests
+    # every layer of at least one decode step, and of the prompts' prefill, attended the 40 shared
+    # tokens once for 4 requests
     assert [40, 40, 40, 40] in seen, seen
+    assert [40, 40, 40, 40] in extends, extends
     for want, got in zip(outputs["torch"], outputs["triton"]):
         assert got["output_ids"] == want["output_ids"]
         lps = [(a[0], b[0]) for a, b in zip(got["meta_info"]["output_token_logprobs"],

@@ -64,25 +64,40 @@ class ExtendPlan(NamedTuple):
 
     tile_req: torch.Tensor  # (num_tiles,) int32: batch index of each tile's request
     tile_start: torch.Tensor  # (num_tiles,) int32: first new token of the tile, within its request
-    req_meta: torch.Tensor  # (3, B) int32: prefix_lens, extend_lens, extend_starts
+    # (4, B) int32: prefix_lens, extend_lens, extend_starts, shared_lens (cascade; else zeros)
+    req_meta: torch.Tensor
     block_m: int
     num_tokens: int
+    # cascade: (T,) int32, the request of each new token; None: no cascade
+    tok_req: torch.Tensor | None = None
 
 
 def plan_extend(
-    prefix_lens: list[int], extend_lens: list[int], device: torch.device, block_m: int = EXTEND_BLOCK
-) -> ExtendPlan:
-    """Tiles of ``block_m`` new tokens per request, the tiles with the most keys first."""
-    starts = [0, *itertools.accumulate(extend_lens)][: len(extend_lens)]
-    tiles = [(i, m) for i, n in enumerate(extend_lens) for m in range(0, n, block_m)]
-    tiles.sort(key=lambda t: -(prefix_lens[t[0]] + min(t[1] + block_m, extend_lens[t[0]])))
+    prefix_lens: list[int], extend_lens: list[int], device: torch.device, block_m: int = EXTEND_BLOCK,
+    shared_lens: list[int] | None = None,
+) -> ExtendPlan:  # fmt: skip
+    """Tiles of ``block_m`` new tokens per request, the tiles with the most keys first.
+
+    Cascade: with ``shared_lens``, request ``i``'s first ``shared_lens[i]`` keys (cached, so at
+    most its prefix) are left to the prefix pass, which reads them once for every sharer, and
+    its tiles start at that key."""
+    n = len(extend_lens)
+    shared = list(shared_lens) if shared_lens is not None and any(shared_lens) else [0] * n
+    assert len(shared) == n and all(0 <= s <= p for s, p in zip(shared, prefix_lens)), (
+        f"shared_lens {shared} must be within the cached prefixes {prefix_lens}"
+    )
+    starts = [0, *itertools.accumulate(extend_lens)][:n]
+    tiles = [(i, m) for i, e in enumerate(extend_lens) for m in range(0, e, block_m)]
+    tiles.sort(key=lambda t: -(prefix_lens[t[0]] - shared[t[0]] + min(t[1] + block_m, extend_lens[t[0]])))
     as_int32 = functools.partial(to_device, dtype=torch.int32, device=device)
+    cascade = any(shared)
     return ExtendPlan(
         tile_req=as_int32([i for i, _ in tiles]),
         tile_start=as_int32([m for _, m in tiles]),
-        req_meta=as_int32([list(prefix_lens), list(extend_lens), starts]).reshape(3, len(extend_lens)),
+        req_meta=as_int32([list(prefix_lens), list(extend_lens), starts, shared]).reshape(4, n),
         block_m=block_m,
         num_tokens=sum(extend_lens),
+        tok_req=as_int32([i for i, e in enumerate(extend_lens) for _ in range(e)]) if cascade else None,
     )
 
 
@@ -156,34 +171,65 @@ def decode_attention_reference(
 
 def extend_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
-    req_rows: torch.Tensor, plan: ExtendPlan, scale: float, sliding_window: int | None,
+    req_rows: torch.Tensor, plan: ExtendPlan, scale: float, sliding_window: int | None, prefix_splits: int = 0,
+    prefix_block: int = EXTEND_BLOCK,
 ) -> torch.Tensor:  # fmt: skip
-    """The extend kernel: ``(T, Hq, D)`` in q's dtype. Asserts the contract before launch."""
+    """The extend kernel: ``(T, Hq, D)`` in q's dtype. Asserts the contract before launch.
+
+    Cascade (a plan with ``shared_lens``): the prefix pass reads the shared keys over
+    ``prefix_splits`` splits in tiles of ``prefix_block`` (token, query head) rows, the extend
+    kernel the rest, and the reduce merges the two by log-sum-exp. The caller vouches that the
+    sharers have the same first slots (checked on the CPU)."""
     _check_common(q, k_cache, v_cache, req_to_token, req_rows, scale, sliding_window)
     meta = plan.req_meta
-    assert meta.shape == (3, req_rows.shape[0]), f"plan for {meta.shape[1]} requests, batch has {req_rows.shape[0]}"
+    assert meta.shape == (4, req_rows.shape[0]), f"plan for {meta.shape[1]} requests, batch has {req_rows.shape[0]}"
     assert meta.device == q.device and plan.tile_req.device == q.device, "plan tensors must be on q's device"
     assert plan.num_tokens == q.shape[0], f"plan covers {plan.num_tokens} tokens, q has {q.shape[0]}"
     block_m = plan.block_m
     assert block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m {block_m} must be a power of two >= 16"
+    cascade = plan.tok_req is not None
+    if cascade:
+        assert sliding_window is None, "cascade attention is for full attention, not a sliding window"
+        assert prefix_splits >= 1, f"prefix_splits {prefix_splits} must be >= 1 with a cascade plan"
+        assert prefix_block >= 16 and prefix_block & (prefix_block - 1) == 0, (
+            f"prefix_block {prefix_block} must be a power of two >= 16"
+        )
     if q.device.type == "cpu":  # on the GPU this would sync the device: there the caller vouches for it
-        _check_slots(req_to_token, req_rows, (meta[0] + meta[1]).tolist(), k_cache.shape[0])
+        seq_lens = (meta[0] + meta[1]).tolist()
+        _check_slots(req_to_token, req_rows, seq_lens, k_cache.shape[0])
+        if cascade:
+            _check_shared(req_to_token, req_rows, meta[3].tolist(), seq_lens)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_tiles = plan.tile_req.shape[0]
     if num_tiles == 0:
         return out
-    head_dim = q.shape[2]
+    num_tokens, num_heads, head_dim = q.shape
     block_d = power_of_two_at_least(head_dim, 16)
     fp32_dot = _fp32_dot(q, k_cache)
     # exact float32 dots hold twice the registers: a 64-key block spilled to local memory on an H100
     block_n = min(block_m, EXTEND_BLOCK if block_d <= 128 and not fp32_dot else EXTEND_BLOCK // 2)
-    _kernels(interpreting()).extend[(num_tiles, q.shape[1])](
-        q, k_cache, v_cache, out, req_to_token, req_rows, plan.tile_req, plan.tile_start, meta,
+    kernels = _kernels(interpreting())
+    target = lse_own = out  # without cascade the extend kernel writes the output (and no lse)
+    if cascade:  # splits 0 .. prefix_splits - 1: the prefix pass; the last: the extend kernel
+        total = prefix_splits + 1
+        partial = torch.empty(num_tokens, num_heads, total, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_tokens, num_heads, total, dtype=torch.float32, device=q.device)
+        _launch_prefix(kernels, q, k_cache, v_cache, partial, lse, req_to_token, req_rows, meta[3], plan.tok_req,
+                       scale, prefix_splits, prefix_block, block_n, fp32_dot)  # fmt: skip
+        target, lse_own = partial[:, :, prefix_splits], lse[:, :, prefix_splits]
+    kernels.extend[(num_tiles, num_heads)](
+        q, k_cache, v_cache, target, lse_own, req_to_token, req_rows, plan.tile_req, plan.tile_start, meta,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
-        meta.stride(0), scale * LOG2E, sliding_window or 0, q.shape[1] // k_cache.shape[1], head_dim,
-        SLIDING=sliding_window is not None, FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, num_stages=1 if fp32_dot else 2,
+        meta.stride(0), target.stride(0), target.stride(1), lse_own.stride(0), lse_own.stride(1),
+        scale * LOG2E, sliding_window or 0, num_heads // k_cache.shape[1], head_dim,
+        SLIDING=sliding_window is not None, CASCADE=cascade, FP32_DOT=fp32_dot, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, num_stages=1 if fp32_dot else 2,
     )  # fmt: skip
+    if cascade:
+        kernels.reduce[(num_tokens, num_heads)](
+            partial, lse, out, out.stride(0), out.stride(1), head_dim, total,
+            BLOCK_S=power_of_two_at_least(total), BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -236,12 +282,8 @@ def decode_attention_triton(
     common = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
               partial.stride(0), partial.stride(1), 0 if single else partial.stride(2), scale * LOG2E)  # fmt: skip
     if cascade:
-        kernels.prefix[(-(-batch * group // block_m), k_cache.shape[1], prefix_splits)](
-            q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens, *common,
-            batch, group, head_dim, prefix_splits, total, FP32_DOT=fp32_dot, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_B=power_of_two_at_least(batch),
-            num_warps=4 if block_m <= 64 else 8, num_stages=1 if fp32_dot else 2,
-        )  # fmt: skip
+        _launch_prefix(kernels, q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens, None,
+                       scale, prefix_splits, block_m, block_n, fp32_dot)  # fmt: skip
     kernels.decode[(batch, k_cache.shape[1], num_splits)](
         q, k_cache, v_cache, partial, lse, req_to_token, req_rows, seq_lens,
         shared_lens if cascade else seq_lens, *common, sliding_window or 0, group, head_dim, num_splits,
@@ -255,6 +297,27 @@ def decode_attention_triton(
             BLOCK_S=power_of_two_at_least(total), BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
+
+
+def _launch_prefix(
+    kernels, q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens, tok_req, scale, prefix_splits,
+    block_m, block_n, fp32_dot,
+) -> None:  # fmt: skip
+    """The cascade's prefix pass into splits ``0 .. prefix_splits - 1`` of ``partial`` (T, Hq, S, D)
+    and ``lse`` (T, Hq, S): q's T tokens over the keys they share, each key read once per KV head
+    and split. Decode: token ``t`` is request ``t``; extend: ``tok_req`` (T,) names each token's request."""
+    num_tokens, num_heads, head_dim = q.shape
+    batch, group = req_rows.shape[0], num_heads // k_cache.shape[1]
+    kernels.prefix[(-(-num_tokens * group // block_m), k_cache.shape[1], prefix_splits)](
+        q, k_cache, v_cache, partial, lse, req_to_token, req_rows, shared_lens,
+        shared_lens if tok_req is None else tok_req,  # not read in decode
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), scale * LOG2E,
+        batch, num_tokens, group, head_dim, prefix_splits, partial.shape[2],
+        EXTEND=tok_req is not None, FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=power_of_two_at_least(head_dim, 16), BLOCK_B=power_of_two_at_least(batch),
+        num_warps=4 if block_m <= 64 else 8, num_stages=1 if fp32_dot else 2,
+    )  # fmt: skip
 
 
 def _check_common(q, k_cache, v_cache, req_to_token, req_rows, scale, sliding_window) -> None:
@@ -325,13 +388,15 @@ def _kernels(interpret: bool) -> _Kernels:
 
 
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,  # q (T, Hq, D) any token/head strides; k/v (S, Hkv, D); out contiguous
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,  # q (T, Hq, D) any token/head strides; k/v (S, Hkv, D); out (T, Hq, D)
     table_ptr, rows_ptr, tile_req_ptr, tile_start_ptr, meta_ptr,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_meta,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_meta, stride_ot, stride_oh, stride_lt, stride_lh,
     qk_scale, window, group, head_dim,
-    SLIDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    SLIDING: tl.constexpr, CASCADE: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # CASCADE: keys from the request's shared length on (the prefix pass read those); out is then
+    # this split's float32 partial, and lse (T, Hq) its log-sum-exp, for the reduce
     tile, head = tl.program_id(0), tl.program_id(1)
     req = tl.load(tile_req_ptr + tile)
     m0 = tl.load(tile_start_ptr + tile)
@@ -353,6 +418,8 @@ def _extend_kernel(
     k_begin = 0
     if SLIDING:
         k_begin = tl.maximum(prefix + m0 - window + 1, 0)
+    if CASCADE:
+        k_begin = tl.load(meta_ptr + 3 * stride_meta + req)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
@@ -384,9 +451,13 @@ def _extend_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_off = (first_row + offs_m).to(tl.int64)[:, None] * (head_dim * tl.num_programs(1)) + head * head_dim
+    rows = (first_row + offs_m).to(tl.int64)
+    out_off = rows[:, None] * stride_ot + head * stride_oh
     tl.store(out_ptr + out_off + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=m_valid[:, None] & d_valid[None, :])  # fmt: skip
+    if CASCADE:  # every query sees at least itself: l_i > 0 on valid rows
+        tl.store(lse_ptr + rows * stride_lt + head * stride_lh, m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)),
+                 mask=m_valid)  # fmt: skip
 
 
 def _decode_kernel(
@@ -459,16 +530,18 @@ def _decode_kernel(
 
 
 def _prefix_kernel(
-    q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr,  # q (B, Hq, D); part (B, Hq, S, D) f32; lse (B, Hq, S) f32
+    q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr,  # q (T, Hq, D); part (T, Hq, S, D) f32; lse (T, Hq, S) f32
     table_ptr, rows_ptr, shared_ptr,  # shared (B,): keys of each request this pass attends, 0 = none
+    tok_req_ptr,  # EXTEND: (T,) the request of each query token; decode: token t is request t (T == B)
     stride_qb, stride_qh, stride_ks, stride_kh, stride_table,
     stride_pb, stride_ph, stride_ps,
-    qk_scale, batch, group, head_dim, num_splits, total_splits,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    qk_scale, batch, num_tokens, group, head_dim, num_splits, total_splits,
+    EXTEND: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    # rows are (request, query head of this KV head) pairs, request-major: row r is request
-    # r // group, query head kv_head * group + r % group; every row reads the same keys
+    # rows are (query token, query head of this KV head) pairs, token-major: row r is token
+    # r // group, query head kv_head * group + r % group; every row reads the same keys (all of
+    # them precede every new token, so no causal mask applies here)
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_b = tl.arange(0, BLOCK_B)
     shared_all = tl.load(shared_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int32)
@@ -481,14 +554,18 @@ def _prefix_kernel(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < batch * group
+    m_valid = offs_m < num_tokens * group
     d_valid = offs_d < head_dim
-    req = offs_m // group
+    tok = offs_m // group
+    if EXTEND:
+        req = tl.load(tok_req_ptr + tok, mask=m_valid, other=0)
+    else:
+        req = tok
     heads = kv_head * group + offs_m % group
     mine = tl.load(shared_ptr + req, mask=m_valid, other=0).to(tl.int32)  # (M,) keys each row may see
     # a tile of non-sharers reads nothing
     hi = tl.minimum(tl.minimum(lo + per_split, prefix), tl.reduce(mine, 0, MAX_COMBINE))
-    q_off = req.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q_off = tok.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # (M, D)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -519,10 +596,10 @@ def _prefix_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    part_off = req.to(tl.int64)[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+    part_off = tok.to(tl.int64)[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
     tl.store(part_ptr + part_off, out, mask=(m_valid & (l_i > 0.0))[:, None] & d_valid[None, :])
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-    lse_off = (req.to(tl.int64) * tl.num_programs(1) * group + heads) * total_splits + split
+    lse_off = (tok.to(tl.int64) * tl.num_programs(1) * group + heads) * total_splits + split
     tl.store(lse_ptr + lse_off, lse, mask=m_valid)
 
 

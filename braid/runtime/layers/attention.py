@@ -135,7 +135,7 @@ class TorchAttention(AttentionBackend):
 class TritonAttention(AttentionBackend):
     """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
     the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
-    decode kernel, with the cascade's prefix pass when the batch shares a prefix
+    decode kernel, either with the cascade's prefix pass when the batch shares a prefix
     (``batch.shared_lens``). Tiles and split counts are computed once per forward (``batch.attn_memo``)
     from the host-side lengths (under a CUDA graph, from ``batch.decode_max_keys``), so no layer
     syncs the device. Runs on CUDA, and on the CPU under
@@ -166,14 +166,26 @@ class TritonAttention(AttentionBackend):
                 num_splits=splits, block_n=self.decode_block, shared_lens=batch.shared_lens if cascade else None,
                 prefix_splits=prefix_splits, block_m=self.extend_block,
             )  # fmt: skip
-        if "triton-tiles" not in batch.attn_memo:
-            batch.attn_memo["triton-tiles"] = attention_kernels.plan_extend(
-                batch.prefix_lens_cpu, batch.extend_lens_cpu, q.device, self.extend_block
-            )
-        plan = batch.attn_memo["triton-tiles"]
+        cascade = batch.shared_lens_cpu is not None and sliding_window is None
+        key = ("triton-tiles", cascade)
+        if key not in batch.attn_memo:
+            batch.attn_memo[key] = self._extend_plan(batch, q.shape[1] // k.shape[1], k.shape[1], cascade, q.device)
+        plan, prefix_splits = batch.attn_memo[key]
         return attention_kernels.extend_attention_triton(
-            q, k_cache, v_cache, batch.req_to_token, batch.req_rows, plan, scale, sliding_window
+            q, k_cache, v_cache, batch.req_to_token, batch.req_rows, plan, scale, sliding_window, prefix_splits,
+            self.extend_block,
         )
+
+    def _extend_plan(self, batch, group, num_kv_heads, cascade, device) -> tuple[attention_kernels.ExtendPlan, int]:
+        """(tiles, prefix-pass splits: 0 without cascade) for an EXTEND batch."""
+        shared = batch.shared_lens_cpu if cascade else None
+        plan = attention_kernels.plan_extend(batch.prefix_lens_cpu, batch.extend_lens_cpu, device,
+                                             self.extend_block, shared)  # fmt: skip
+        if plan.tok_req is None:
+            return plan, 0
+        sms = attention_kernels.num_sms(device)
+        return plan, attention_kernels.prefix_splits(batch.num_tokens, group, num_kv_heads, max(shared), sms,
+                                                     self.extend_block)  # fmt: skip
 
     def _decode_splits(self, batch, group, num_kv_heads, window, cascade, device) -> tuple[int, int]:
         """(decode splits, prefix-pass splits) for the batch's lengths on the host, or, under a
