@@ -177,8 +177,16 @@ class TritonAttention(AttentionBackend):
         )
 
     def _extend_plan(self, batch, group, num_kv_heads, cascade, device) -> tuple[attention_kernels.ExtendPlan, int]:
-        """(tiles, prefix-pass splits: 0 without cascade) for an EXTEND batch."""
+        """(tiles, prefix-pass splits: 0 without cascade) for an EXTEND batch. Cascade is used only
+        where the sharers' tiles would be at least half empty (short extends: select's choices, fork
+        branches): it reads the prefix once, but does the same score work as full tiles and adds a
+        float32 partial per token and a reduce, so long extends gain nothing from it."""
         shared = batch.shared_lens_cpu if cascade else None
+        if shared is not None:
+            block = self.extend_block
+            own = [n for n, s in zip(batch.extend_lens_cpu, shared) if s]
+            if sum(-(-n // block) * block for n in own) < 2 * sum(own):
+                shared = None
         plan = attention_kernels.plan_extend(batch.prefix_lens_cpu, batch.extend_lens_cpu, device,
                                              self.extend_block, shared)  # fmt: skip
         if plan.tok_req is None:
