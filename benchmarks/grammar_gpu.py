@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -137,10 +138,12 @@ def masking_rows(eng, batch: int, n_out: int, vocab: int, profile: bool = False)
             statistics.median(host["free"]), statistics.median(host["tied"]))
 
 
-def standalone_fill(tokenizer_dir: str, backend: str, width: int = 0, rows: int = 64, steps: int = 64) -> float:
+def standalone_fill(tokenizer_dir: str, backend: str, width: int = 0, rows: int = 64, steps: int = 64,
+                    pooled: bool = False) -> float:  # fmt: skip
     """Median seconds to fill ``rows`` masks, matchers walking random tokens inside the string of
     LONG_STRING (never the closing quote while another token is allowed), outside any engine.
-    ``width``: the logits' width (0: the tokenizer's), as a model wider than its tokenizer has."""
+    ``width``: the logits' width (0: the tokenizer's), as a model wider than its tokenizer has.
+    ``pooled`` (llguidance): every row in one call on llguidance's thread pool, not row by row."""
     import random
 
     from transformers import AutoTokenizer
@@ -155,15 +158,33 @@ def standalone_fill(tokenizer_dir: str, backend: str, width: int = 0, rows: int 
     quotes = [tok.decode([i]).count('"') + (i in stops) * 9 for i in range(vocab)]  # what closes the string
     rng, bitmask, times = random.Random(0), allocate_bitmask(rows, max(width, vocab)), []
     shifts = torch.arange(32, dtype=torch.int32)
+    fill = functools.partial(fill_bitmasks, matchers, bitmask)
+    if pooled:  # no matcher stops inside the string: every row is llguidance's to fill
+        import llguidance
+
+        executor, pairs = llguidance.LLExecutor(), [(m._m, j) for j, m in enumerate(matchers)]
+        fill = functools.partial(executor.unsafe_compute_mask_ptr, pairs, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                 rows)  # fmt: skip
     for _ in range(steps):
         t0 = time.perf_counter()
-        fill_bitmasks(matchers, bitmask)
+        fill()
         times.append(time.perf_counter() - t0)
         for row, m in zip(bitmask, matchers):
             ids = torch.nonzero(((row[:, None] >> shifts) & 1).reshape(-1)[:vocab]).flatten().tolist()
             fewest = min(quotes[t] for t in ids)
             assert m.accept_token(rng.choice([t for t in ids if quotes[t] == fewest]))
     return statistics.median(times)
+
+
+def cpu_quota() -> str:
+    """The cgroup's CPU limit ("max" = none), which ``sched_getaffinity`` does not show."""
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return "unknown"
 
 
 def jump_rows(eng, n_out: int) -> dict[str, tuple[float, int, int]]:
@@ -220,12 +241,16 @@ def main() -> None:
         ensure_model(a.model, a.layers, dev, a.dry_run)
     # the model's tokenizer; --fill-only needs no model: $BRAID_TOKENIZER_DIR, which the model gets
     tokenizer_dir = os.environ.get("BRAID_TOKENIZER_DIR", a.model) if a.fill_only else a.model
-    print(f"CPUs usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}", flush=True)
+    print(f"CPUs usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}, cgroup quota: {cpu_quota()}", flush=True)
     for backend in a.backends.split(","):
         for width in (0, LLAMA31_8B["vocab_size"]):  # the tokenizer's width, and the benchmark model's logits
             t = standalone_fill(tokenizer_dir, backend, width)
             print(f"standalone fill, {backend}, {width or 'tokenizer'} wide: 64 rows in {t * 1e3:.2f} ms "
                   f"({t / 64 * 1e6:.1f} us a row)", flush=True)  # fmt: skip
+        if backend == "llguidance":
+            t = standalone_fill(tokenizer_dir, backend, LLAMA31_8B["vocab_size"], pooled=True)
+            print(f"standalone fill, llguidance on its thread pool, {LLAMA31_8B['vocab_size']} wide: 64 rows in "
+                  f"{t * 1e3:.2f} ms ({t / 64 * 1e6:.1f} us a row)", flush=True)  # fmt: skip
     if a.fill_only:
         return
     bw = copy_bandwidth_gbs(dev, mbytes=64 if a.dry_run else 2048)
