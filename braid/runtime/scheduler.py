@@ -96,6 +96,9 @@ class Scheduler:
         # the host's bookkeeping runs while the GPU computes (docs/architecture.md, "Overlap").
         self.overlap = runner.device.type == "cuda" and not config.disable_overlap_schedule
         self.in_flight: InFlight | None = None
+        # Overlap of extends: requests whose prefill ended, their first token sampled on the device
+        # and not taken yet; they join ``running`` once the next pass is launched.
+        self.joining: InFlight | None = None
         # cascade attention: the prefix each batch's requests share (all 0s where it saves little)
         self.shared_prefixes = SharedPrefixes(CASCADE_MIN_SAVED) if runner.uses_cascade else None
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retractions": 0}
@@ -112,25 +115,34 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.joining)
+
+    @property
+    def _joining_reqs(self) -> list[Req]:
+        return [] if self.joining is None else [r for r in self.joining.reqs if not r.finished]
 
     def step(self) -> None:
         if self.in_flight is not None and (self.waiting or self.chunked or not self.running):
             self._take_in_flight()  # admission and extends see every request's latest token
         batch = self._schedule_extend()
-        reqs = batch if batch else list(self.running)
+        reqs = [*(batch if batch else self.running), *self._joining_reqs]
         try:
             if batch:
                 self._run_extend(batch)
-            elif self.overlap and self._can_overlap():
-                self._run_decode_overlapped()
             else:
-                if self.in_flight is not None:
-                    self._take_in_flight()
-                self._run_decode()
+                if self.joining is not None:  # the newly prefilled requests join this decode
+                    self._take_joining()
+                if not self.running:
+                    return
+                if self.overlap and self._can_overlap():
+                    self._run_decode_overlapped()
+                else:
+                    if self.in_flight is not None:
+                        self._take_in_flight()
+                    self._run_decode()
         except Exception as exc:  # one bad batch must not kill the engine
             log.error("forward failed: %s", traceback.format_exc())
-            self.in_flight = None
+            self.in_flight = self.joining = None
             for req in reqs:
                 if not req.finished:
                     self._fail(req, f"internal error: {exc!r}")
@@ -157,8 +169,8 @@ class Scheduler:
                 log.info("flush cache: %s", "done" if ok else "refused (requests running)")
             elif isinstance(msg, Shutdown):
                 self._stop = True
-                self.in_flight = None
-                for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
+                joining, self.in_flight, self.joining = self._joining_reqs, None, None
+                for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else []), *joining]:
                     self._fail(req, "engine shut down")
                 return
 
@@ -193,6 +205,11 @@ class Scheduler:
         if self.chunked is not None and self.chunked.rid == rid:
             req, self.chunked = self.chunked, None
             self._finish(req, FinishReason.ABORT, "aborted by client")
+            return
+        for req in self._joining_reqs:  # its first token, in flight, is then dropped
+            if req.rid == rid:
+                self._finish(req, FinishReason.ABORT, "aborted by client")
+                return
 
     def _finish(self, req: Req, reason: FinishReason, matched) -> None:
         req.finish, req.finish_matched = reason, matched
@@ -244,8 +261,9 @@ class Scheduler:
             return admitted
         shared = RadixCache(device="cpu")
         cached = {id(r): self.kv.match(r.fill_ids[: self._match_limit(r)]) for r in self.waiting}
+        live = self.running + self._joining_reqs  # the requests decoding from the next decode step on
         for req in self.policy(self.waiting, lambda r: cached[id(r)]):
-            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_running_requests:
+            if budget <= 0 or len(live) + len(admitted) >= self.config.max_running_requests:
                 break
             if len(shared.match_prefix(req.fill_ids).slots) - cached[id(req)] >= IN_BATCH_SHARE_MIN:
                 continue
@@ -253,8 +271,8 @@ class Scheduler:
             todo = req.seq_len - req.kv_len  # admissions in this step can have evicted some of it
             chunk = int(min(todo, budget))
             # the reserve protects running requests; alone, a request only needs its chunk to fit
-            alone = not self.running and not admitted
-            reserve = 0 if alone or chunk < todo else self._reserve(self.running + admitted + [req])
+            alone = not live and not admitted
+            reserve = 0 if alone or chunk < todo else self._reserve(live + admitted + [req])
             if not self.kv.can_allocate(chunk + reserve):
                 self.kv.release(req)
                 break
@@ -289,7 +307,21 @@ class Scheduler:
             self.kv.cache_prefix(req)
             if req.kv_len < req.seq_len:
                 self.chunked = req
-        self._sample_and_advance(done, logits[plan.sample_rows] if done else None)
+        prev, self.joining = self.joining, None
+        rows = logits[plan.sample_rows] if done else None
+        if self.overlap and done and not any(r.return_logprob for r in done):
+            # sampled on the device; the host takes the tokens after launching the next pass
+            done, rows = self._finish_unsampled(done, rows)
+            if done:
+                self.joining = InFlight.start(done, self.outputs.choose_tokens(done, rows, self.shared_generator))
+        else:
+            self._sample_and_advance(done, rows)
+        if prev is not None:  # the previous extend's first tokens, taken while this one computes
+            self._advance(prev.reqs, prev.token_list(), new_to_running=True)
+
+    def _take_joining(self) -> None:
+        prev, self.joining = self.joining, None
+        self._advance(prev.reqs, prev.token_list(), new_to_running=True)
 
     def _run_decode(self) -> None:
         """One token for every running request; a request that jumped forward over a string its
@@ -387,15 +419,21 @@ class Scheduler:
                             new_to_running: bool = True) -> None:
         """Sample one token for each request whose fill_ids are all in KV, then finish or keep it
         (``new_to_running``: the requests come from an extend and join ``running``)."""
-        finished_zero = [r for r in reqs if r.remaining_new_tokens == 0]
-        for req in finished_zero:  # e.g. max_new_tokens=0: prompt only (logprob scoring, n>1 warm-up)
-            self._drop_running(req)
-            self._finish(req, FinishReason.LENGTH, None)
+        reqs, logits = self._finish_unsampled(reqs, logits)
+        if reqs:
+            self._advance(reqs, self.outputs.sample(reqs, logits, self.shared_generator, masks), new_to_running)
+
+    def _finish_unsampled(self, reqs: list[Req], logits: torch.Tensor | None) -> tuple[list[Req], torch.Tensor | None]:
+        """Finish the requests that may generate nothing (max_new_tokens=0: prompt only, as logprob
+        scoring and n>1 warm-ups are); the others, and a copy of their rows of ``logits`` (which
+        the sampler may change in place)."""
         keep = [i for i, r in enumerate(reqs) if r.remaining_new_tokens > 0]
-        if not keep:
-            return
-        reqs = [reqs[i] for i in keep]
-        self._advance(reqs, self.outputs.sample(reqs, logits[keep], self.shared_generator, masks), new_to_running)
+        for req in reqs:
+            if req.remaining_new_tokens == 0:
+                self._drop_running(req)
+                self._finish(req, FinishReason.LENGTH, None)
+        rows = logits[to_device(keep, torch.int64, logits.device)] if keep else None  # no wait for the GPU
+        return [reqs[i] for i in keep], rows
 
     def _advance(self, reqs: list[Req], tokens: list[int], new_to_running: bool) -> None:
         """Append each request's sampled token, then finish it or keep it running."""
@@ -427,7 +465,7 @@ class Scheduler:
                 error = str(exc)
         return {
             **self.stats,
-            "running": len(self.running) + (1 if self.chunked else 0),
+            "running": len(self.running) + len(self._joining_reqs) + (1 if self.chunked else 0),
             "waiting": len(self.waiting),
             "pool_slots": self.kv.num_slots,
             "free_slots": self.kv.allocator.num_free,

@@ -137,3 +137,52 @@ def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, t
         assert [len(o["output_ids"]) for o in outs[:4]] == [24] * 4
         assert outs[4]["meta_info"]["valid"] or outs[4]["meta_info"]["finish_reason"]["type"] == "length"
         assert eng.get_stats()["at_rest_error"] is None
+
+
+def test_an_overlapped_extend_never_waits_for_the_gpu(tmp_path):
+    """Chunked prefills with the previous extend's first tokens in flight: scheduling and
+    launching extend k+1 must not wait for extend k (sync debug mode, as for decode above); the
+    one wait that belongs there (taking extend k's first tokens, after extend k+1 is queued) is
+    let through. The outputs equal those of the scheduler without overlap."""
+    from braid.runtime import scheduler as sched
+
+    folder = make_engine_model("llama", tmp_path)
+    prompts = random_prompts(6, 60, 120, 512, seed=23)
+    params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 8}
+    outs = {}
+    for overlap in (False, True):
+        with bd.Engine(model_path=folder, device="cuda", dtype="float32", chunked_prefill_size=96,
+                       disable_overlap_schedule=not overlap) as eng:  # fmt: skip
+            eng.generate(input_ids=prompts[:1], sampling_params=params)  # capture and compile outside the check
+            eng.flush_cache()
+            s, checked = eng.scheduler, []
+            run_extend, take = s._run_extend, sched.InFlight.token_list
+
+            def strict_extend(reqs, run_extend=run_extend, s=s, checked=checked):
+                in_flight = s.joining is not None
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    run_extend(reqs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                checked.append(in_flight)
+
+            def allowed_take(self):
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("default")
+                try:
+                    return take(self)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+
+            if overlap:
+                s._run_extend = strict_extend
+                sched.InFlight.token_list = allowed_take
+            try:
+                outs[overlap] = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
+            finally:
+                sched.InFlight.token_list = take
+            if overlap:
+                assert sum(checked) >= 3, checked  # extends launched with first tokens in flight
+            assert eng.get_stats()["at_rest_error"] is None
+    assert outs[True] == outs[False]

@@ -112,3 +112,92 @@ def test_arrivals_and_aborts_during_overlapped_decode(folder, make_engine):
     assert [o["output_ids"] for o in late] == reference[3:]
     assert len(steps) > 20
     assert_at_rest(eng)
+
+
+def record_extends(eng) -> tuple[list[bool], list[int]]:
+    """Per extend pass: whether the previous extend's first tokens were still in flight; per
+    step: the requests decoding or about to (running + joining)."""
+    sched, overlapped, live = eng.scheduler, [], []
+    run_extend, step = sched._run_extend, sched.step
+    sched._run_extend = lambda reqs: (overlapped.append(sched.joining is not None), run_extend(reqs))[1]
+    sched.step = lambda: (step(), live.append(len(sched.running) + len(sched._joining_reqs)))[0]
+    return overlapped, live
+
+
+def test_extends_overlap_and_admission_counts_the_requests_in_flight(folder, make_engine):
+    """Prefill in small chunks: each extend's first tokens stay on the device while the next
+    extend is launched. The outputs equal the plain scheduler's, at most max_running_requests
+    requests are ever decoding or joining, and the pool is at rest after."""
+    prompts = random_prompts(9, 20, 60, 500, seed=11)
+    params = [{**p, "max_new_tokens": min(p["max_new_tokens"], 12)} for p in mixed_params()] + [
+        {"temperature": 0, "max_new_tokens": 1}]  # finishes at its first token, taken late
+    outs = {}
+    for overlap in (False, True):
+        eng = make_engine(folder, chunked_prefill_size=48, max_running_requests=4)
+        overlapped, live = record_extends(eng)
+        outs[overlap] = strip(run(eng, overlap, prompts, params))
+        assert max(live) <= 4, live
+        assert any(overlapped) == overlap, overlapped
+        assert_at_rest(eng)
+    assert outs[True] == outs[False]
+
+
+def test_abort_while_first_tokens_are_in_flight(folder, make_engine):
+    """A request aborted while its first token is in flight ends as aborted (nothing of it is
+    lost or left running)."""
+    eng = make_engine(folder, chunked_prefill_size=48)
+    eng.scheduler.overlap = True
+    sched = eng.scheduler
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 30}
+    prompts = random_prompts(3, 40, 45, 500, seed=12)
+    aborted: list[str] = []
+    run_extend = sched._run_extend
+
+    def abort_joiners(reqs):  # the scheduler thread, between passes: as an abort arriving then
+        run_extend(reqs)
+        for req in sched._joining_reqs:
+            if not aborted:
+                aborted.append(req.rid)
+                sched._abort(req.rid)
+
+    sched._run_extend = abort_joiners
+    outs = asyncio.run(_gather(eng, prompts, greedy))
+    assert aborted
+    by_rid = {o["meta_info"]["id"]: o for o in outs if not isinstance(o, Exception)}
+    errors = [o for o in outs if isinstance(o, Exception)]
+    assert (len(by_rid), len(errors)) in ((3, 0), (2, 1)), outs
+    for rid, out in by_rid.items():
+        want = "abort" if rid == aborted[0] else "length"
+        assert out["meta_info"]["finish_reason"]["type"] == want, out["meta_info"]
+    assert_at_rest(eng)
+
+
+async def _gather(eng, prompts, params):
+    return await asyncio.gather(*[eng.async_generate(input_ids=p, sampling_params=params) for p in prompts],
+                                return_exceptions=True)
+
+
+def test_shutdown_while_first_tokens_are_in_flight(folder, make_engine):
+    """Driven step by step on a stopped scheduler: a shutdown that finds first tokens in flight
+    fails those requests too, and their KV goes back to the pool."""
+    from braid.runtime.messages import AddRequest, Shutdown
+    from braid.runtime.sampling_params import SamplingParams
+
+    eng = make_engine(folder, chunked_prefill_size=48)
+    eng._closed = True  # stop the scheduler thread but keep the weights and KV pool
+    eng.scheduler.inbox.put(Shutdown())
+    eng._thread.join(timeout=30)
+    sched = eng.scheduler
+    sched._stop, sched.overlap = False, True
+    params = SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 8}).to_dict()
+    for i, p in enumerate(random_prompts(3, 30, 40, 500, seed=13)):
+        sched._add(AddRequest(rid=f"r{i}", input_ids=p, sampling=params))
+    reqs = list(sched.waiting)
+    while sched.joining is None:
+        sched.step()
+    joiners = sched._joining_reqs
+    assert joiners and not any(r.finished for r in joiners)
+    sched.inbox.put(Shutdown())
+    sched._receive(block=False)
+    assert all(r.finished for r in reqs) and not sched.has_work
+    sched.kv.check_at_rest()
