@@ -24,7 +24,9 @@ class PromptSpan:
 
 @dataclass(frozen=True)
 class ExtendPlan:
-    sample_rows: list[int]  # logits row of each request that finished its prefill, in batch order
+    # logits rows 0 .. num_sampled - 1: the requests that finished their prefill, in batch order (a
+    # slice of the logits, which no index copy has to reach the device for)
+    num_sampled: int
     prompt_spans: list[PromptSpan]
 
 
@@ -58,7 +60,7 @@ def build_extend_batch(reqs: list[Req], table: torch.Tensor, device: torch.devic
         start += n
     num_sample = len(sample_rows)
     plan = ExtendPlan(
-        sample_rows=list(range(num_sample)),
+        num_sampled=num_sample,
         prompt_spans=[PromptSpan(s.req_index, num_sample + s.offset, s.count, s.first_token) for s in spans],
     )
     fb = _make_extend_batch(reqs, ids, positions, rows, sample_rows + prompt_rows, table, device)

@@ -308,7 +308,7 @@ class Scheduler:
             if req.kv_len < req.seq_len:
                 self.chunked = req
         prev, self.joining = self.joining, None
-        rows = logits[plan.sample_rows] if done else None
+        rows = logits[: plan.num_sampled] if done else None
         if self.overlap and done and not any(r.return_logprob for r in done):
             # sampled on the device; the host takes the tokens after launching the next pass
             done, rows = self._finish_unsampled(done, rows)
@@ -345,7 +345,7 @@ class Scheduler:
         else:
             fb, plan = build_extend_batch(reqs, self.kv.req_pool.table, self.runner.device,
                                           self._shared(reqs))  # fmt: skip
-            logits = self.runner.forward(fb)[plan.sample_rows]
+            logits = self.runner.forward(fb)[: plan.num_sampled]
         for req in reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
