@@ -5,6 +5,7 @@ memory; and an overlapped decode step that never waits for the GPU. Skipped with
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -88,6 +89,44 @@ def test_capture_sees_its_padded_inputs_on_reused_memory(tmp_path):
     assert outs[0] == outs[1] == outs[2]
 
 
+def strictly(fn, before=lambda: None):
+    """``fn`` run under CUDA's sync-debug mode set to error: any wait for the GPU inside raises.
+    ``before()`` runs first, outside the check."""
+
+    def checked(*args):
+        before()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return checked
+
+
+@contextlib.contextmanager
+def taking_tokens_may_wait():
+    """Let ``InFlight.token_list``, the one wait that belongs in an overlapped pass, through the
+    check (it is also called outside checked passes: the mode is restored, not forced)."""
+    from braid.runtime import scheduler as sched
+
+    take = sched.InFlight.token_list
+
+    def allowed_take(self):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return take(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    sched.InFlight.token_list = allowed_take
+    try:
+        yield
+    finally:
+        sched.InFlight.token_list = take
+
+
 @pytest.mark.parametrize("disable_cuda_graph", [False, True])
 def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, tmp_path):
     """Launching step k+1 (KV slots, inputs, the forward, sampling) must not wait for step k: a
@@ -95,8 +134,6 @@ def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, t
     the host launches. CUDA's sync debug mode turns any such wait into an error; the one wait
     that belongs there (taking step k's tokens, after step k+1 is queued) is let through. One
     request is JSON-constrained: its grammar mask goes to the device in the step too."""
-    from braid.runtime import scheduler as sched
-
     folder = make_engine_model("llama", tmp_path)
     prompts = random_prompts(5, 5, 60, 512, seed=22)
     params = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 24},
@@ -109,30 +146,9 @@ def test_an_overlapped_decode_step_never_waits_for_the_gpu(disable_cuda_graph, t
         s = eng.scheduler
         assert s.overlap
         checked = []
-        step, take = s._run_decode_overlapped, sched.InFlight.token_list
-
-        def strict_step():
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                step()
-                checked.append(1)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        def allowed_take(self):  # also called outside the checked step: restore, not force
-            mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("default")
-            try:
-                return take(self)
-            finally:
-                torch.cuda.set_sync_debug_mode(mode)
-
-        s._run_decode_overlapped = strict_step
-        sched.InFlight.token_list = allowed_take
-        try:
+        s._run_decode_overlapped = strictly(s._run_decode_overlapped, lambda: checked.append(1))
+        with taking_tokens_may_wait():
             outs = eng.generate(input_ids=prompts, sampling_params=params)
-        finally:
-            sched.InFlight.token_list = take
         assert len(checked) > 15
         assert [len(o["output_ids"]) for o in outs[:4]] == [24] * 4
         assert outs[4]["meta_info"]["valid"] or outs[4]["meta_info"]["finish_reason"]["type"] == "length"
@@ -144,8 +160,6 @@ def test_an_overlapped_extend_never_waits_for_the_gpu(tmp_path):
     launching extend k+1 must not wait for extend k (sync debug mode, as for decode above); the
     one wait that belongs there (taking extend k's first tokens, after extend k+1 is queued) is
     let through. The outputs equal those of the scheduler without overlap."""
-    from braid.runtime import scheduler as sched
-
     folder = make_engine_model("llama", tmp_path)
     prompts = random_prompts(6, 60, 120, 512, seed=23)
     params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 8}
@@ -156,32 +170,10 @@ def test_an_overlapped_extend_never_waits_for_the_gpu(tmp_path):
             eng.generate(input_ids=prompts[:1], sampling_params=params)  # capture and compile outside the check
             eng.flush_cache()
             s, checked = eng.scheduler, []
-            run_extend, take = s._run_extend, sched.InFlight.token_list
-
-            def strict_extend(reqs, run_extend=run_extend, s=s, checked=checked):
-                in_flight = s.joining is not None
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    run_extend(reqs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                checked.append(in_flight)
-
-            def allowed_take(self):
-                mode = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("default")
-                try:
-                    return take(self)
-                finally:
-                    torch.cuda.set_sync_debug_mode(mode)
-
-            if overlap:
-                s._run_extend = strict_extend
-                sched.InFlight.token_list = allowed_take
-            try:
+            if overlap:  # each extend checked; noted: whether it started with first tokens in flight
+                s._run_extend = strictly(s._run_extend, lambda s=s, c=checked: c.append(s.joining is not None))
+            with taking_tokens_may_wait():
                 outs[overlap] = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
-            finally:
-                sched.InFlight.token_list = take
             if overlap:
                 assert sum(checked) >= 3, checked  # extends launched with first tokens in flight
             assert eng.get_stats()["at_rest_error"] is None
