@@ -56,7 +56,8 @@ class EngineConfig:
     )
     cuda_graph_max_bs: int = _opt(256, "largest decode batch captured as a CUDA graph; larger batches run eagerly")
     disable_overlap_schedule: bool = _opt(
-        False, "CUDA: take each decode step's tokens on the host before launching the next step, not while it runs"
+        False, "CUDA: take each decode step's (and prefill chunk's) tokens on the host before launching the next, "
+        "not while it runs"
     )
     cpu_threads: int = _opt(0, "torch intra-op threads; 0 = auto (cores - 1, at least 1, at most 8): see docs")
     new_token_ratio: float = _opt(0.4, "fraction of a running request's remaining max_new_tokens reserved at admission")
