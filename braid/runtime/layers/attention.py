@@ -135,8 +135,8 @@ class TorchAttention(AttentionBackend):
 class TritonAttention(AttentionBackend):
     """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
     the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
-    decode kernel, either with the cascade's prefix pass when the batch shares a prefix
-    (``batch.shared_lens``). Tiles and split counts are computed once per forward (``batch.attn_memo``)
+    decode kernel; either runs with the cascade's prefix pass when the batch shares a prefix
+    (``batch.shared_lens``; extends only where their tiles would be half empty). Tiles and split counts are computed once per forward (``batch.attn_memo``)
     from the host-side lengths (under a CUDA graph, from ``batch.decode_max_keys``), so no layer
     syncs the device. Runs on CUDA, and on the CPU under
     ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
