@@ -171,7 +171,8 @@ def extend_case(name, extend_lens, prefix, device, rate, flush, prefix_blocks=()
         return
     # cascade: every request shares the cached prefix, read once per KV head and split
     sms = attn.num_sms(device)
-    cascade_plan = attn.plan_extend([prefix] * len(extend_lens), extend_lens, device, shared_lens=[prefix] * len(lengths))
+    cascade_plan = attn.plan_extend([prefix] * len(extend_lens), extend_lens, device,
+                                    shared_lens=[prefix] * len(lengths))  # fmt: skip
     prefix_blocks = [16] if device.type == "cpu" else prefix_blocks  # the dry run's tiny batches
     for bm in sorted({attn.EXTEND_BLOCK, *prefix_blocks}):
         pre = attn.prefix_splits(total, HQ // HKV, HKV, prefix, sms, block_m=bm)
@@ -187,7 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", default="1,2,4,8", help="decode split counts to try beside the automatic one")
     ap.add_argument("--prefix-blocks", default="",
-                    help="cascade prefix-pass tile heights (block_m) to sweep on the shared-prefix case, e.g. 32,64,128")
+                    help="cascade prefix-pass tile heights (block_m) to sweep on the shared-prefix cases: 32,64,128")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script only")
     args = ap.parse_args()
     device = torch.device("cpu" if args.dry_run else "cuda")

@@ -19,9 +19,10 @@ measured in one run on a random Llama-3.1-8B-shaped bf16 model.
 
 ``--configs`` picks the braid columns: ``default`` (CUDA graphs and the overlap scheduler on),
 ``no-graphs``, ``no-overlap`` (neither decode steps nor extends overlapped), ``eager`` (both off),
-``no-cascade`` (a shared prefix read once per request, as before cascade attention), or ``none`` (transformers alone, so that a
-long run can be split in two calls; the floors then come from its model). transformers runs ``generate`` for decode
-and prefix and ``generate_batch`` (its continuous batching) for offline.
+``no-cascade`` (a shared prefix read once per request, as before cascade attention), or ``none``
+(transformers alone, so that a long run can be split in two calls; the floors then come from its
+model). transformers runs ``generate`` for decode and prefix and ``generate_batch`` (its
+continuous batching) for offline.
 """
 
 from __future__ import annotations

@@ -279,8 +279,9 @@ def _pointers(fn, dtype: str, special: dict[str, str]) -> dict[str, str]:
 
 
 INDEX_PTRS = {"table_ptr": "*i64", "rows_ptr": "*i64", "tile_req_ptr": "*i32", "tile_start_ptr": "*i32",
-              "meta_ptr": "*i32", "seq_lens_ptr": "*i64", "shared_ptr": "*i64", "tok_req_ptr": "*i32", "slots_ptr": "*i64", "pos_ptr": "*i64",
-              "cos_ptr": "*fp32", "sin_ptr": "*fp32", "part_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+              "meta_ptr": "*i32", "seq_lens_ptr": "*i64", "shared_ptr": "*i64", "tok_req_ptr": "*i32",
+              "slots_ptr": "*i64", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "part_ptr": "*fp32",
+              "lse_ptr": "*fp32"}  # fmt: skip
 COMPILED = [  # (kernel, constexprs): bfloat16 (tensor-core dots) and float32 (IEEE dots) attention
     (attention._extend_kernel, dict(SLIDING=True, CASCADE=False, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)),
     (attention._extend_kernel, dict(SLIDING=False, CASCADE=True, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)),
