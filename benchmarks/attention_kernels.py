@@ -6,8 +6,9 @@
 Each case prints braid's Triton kernel time, torch's ``scaled_dot_product_attention`` on the
 same problem as dense per-request tensors (what transformers' sdpa attention runs), and the
 floor measured in the same run: for decode, the KV bytes the kernel must read at the copy
-bandwidth; for extend, its FLOPs at the bf16 matmul rate. L2 is flushed before every timed call
-(a decode step's weights flush it between layers too).
+bandwidth; for extend, its FLOPs at the bf16 matmul rate. Every call is timed as a CUDA graph
+replay (GPU time, without the host's launch gaps), and L2 is flushed before each (a decode
+step's weights flush it between layers too). Runs before 2026-12-08 timed eager calls.
 
 The shared-prefix decode case answers one question directly: when 64 requests share 2,000
 tokens of KV slots, does the kernel pay for 64 reads of the prefix (time near the "distinct"
@@ -35,16 +36,32 @@ KV_TOKEN_BYTES = 2 * HKV * D * 2  # K and V of one token, one layer, bf16
 
 
 def time_us(fn, flush: torch.Tensor) -> float:
-    """Median microseconds of ``fn`` over REPEATS calls, L2 flushed before each."""
+    """Median GPU microseconds of ``fn`` over REPEATS calls, L2 flushed before each. The call is
+    captured once in a CUDA graph and replayed, as the engine runs decode: timed eagerly, a call
+    of several kernels (cascade: prefix pass, decode, reduce) would also count the host's Python
+    launch time between them (about 20 us a kernel)."""
     fn()
     if flush.device.type != "cuda":  # dry run: one untimed call checks the script
         return float("nan")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError as exc:  # said, not hidden: this line's figure then includes launch gaps
+        print(f"  (this call could not be captured, so it is timed eagerly: {exc})")
+        run = fn
     times = []
     for _ in range(REPEATS):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
