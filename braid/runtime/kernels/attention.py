@@ -23,6 +23,11 @@ Kernel design:
   log-sum-exp, and a reduce kernel combines the splits. With one split the first kernel writes
   the output directly. :func:`decode_splits` picks the split count (enough programs for about two
   waves of the GPU's SMs, at least ``MIN_SPLIT_TOKENS`` keys per split).
+- Cascade (a prefix the batch shares in the KV pool): a prefix pass runs one program per (tile of
+  (query token, query head) rows of one KV head, KV head, split of the prefix), so each shared
+  key is read once per tile instead of once per request, and writes the first splits' partials
+  and log-sum-exps; the decode or extend kernel then starts each request at its shared length
+  and writes the last split; the reduce merges them.
 
 Blocks: BLOCK_D is head_dim rounded up to a power of two (>= 16: ``tl.dot`` needs 16 on the GPU);
 extend BLOCK_M = 64 new tokens per tile, BLOCK_N = 64 keys per step (32 for head_dim > 128);
