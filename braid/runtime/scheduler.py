@@ -125,27 +125,40 @@ class Scheduler:
         if self.in_flight is not None and (self.waiting or self.chunked or not self.running):
             self._take_in_flight()  # admission and extends see every request's latest token
         batch = self._schedule_extend()
-        reqs = [*(batch if batch else self.running), *self._joining_reqs]
+        if not batch and self.joining is not None:  # the newly prefilled requests join this decode
+            self._take_joining()
+        reqs, joiners = (batch, self._joining_reqs) if batch else (list(self.running), [])
+        if not reqs:
+            return
         try:
             if batch:
                 self._run_extend(batch)
+            elif self.overlap and self._can_overlap():
+                self._run_decode_overlapped()
             else:
-                if self.joining is not None:  # the newly prefilled requests join this decode
-                    self._take_joining()
-                if not self.running:
-                    return
-                if self.overlap and self._can_overlap():
-                    self._run_decode_overlapped()
-                else:
-                    if self.in_flight is not None:
-                        self._take_in_flight()
-                    self._run_decode()
+                if self.in_flight is not None:
+                    self._take_in_flight()
+                self._run_decode()
         except Exception as exc:  # one bad batch must not kill the engine
             log.error("forward failed: %s", traceback.format_exc())
-            self.in_flight = self.joining = None
+            self.in_flight = None
+            self._rescue_joining(joiners, f"internal error: {exc!r}")
             for req in reqs:
                 if not req.finished:
                     self._fail(req, f"internal error: {exc!r}")
+
+    def _rescue_joining(self, joiners: list[Req], error: str) -> None:
+        """After a failed extend: the previous extend's first tokens came from a pass that
+        succeeded, so its requests still join ``running``; failed only if that fails too."""
+        stranded, self.joining = self.joining, None
+        if stranded is not None:
+            try:
+                self._advance(stranded.reqs, stranded.token_list(), new_to_running=True)
+            except Exception:
+                log.error("taking first tokens failed: %s", traceback.format_exc())
+        for req in joiners:
+            if not req.finished and req not in self.running:
+                self._fail(req, error)
 
     def _receive(self, block: bool) -> None:
         while True:
@@ -307,17 +320,18 @@ class Scheduler:
             self.kv.cache_prefix(req)
             if req.kv_len < req.seq_len:
                 self.chunked = req
-        prev, self.joining = self.joining, None
         rows = logits[: plan.num_sampled] if done else None
+        joining = None
         if self.overlap and done and not any(r.return_logprob for r in done):
             # sampled on the device; the host takes the tokens after launching the next pass
             done, rows = self._finish_unsampled(done, rows)
             if done:
-                self.joining = InFlight.start(done, self.outputs.choose_tokens(done, rows, self.shared_generator))
+                joining = InFlight.start(done, self.outputs.choose_tokens(done, rows, self.shared_generator))
         else:
             self._sample_and_advance(done, rows)
-        if prev is not None:  # the previous extend's first tokens, taken while this one computes
-            self._advance(prev.reqs, prev.token_list(), new_to_running=True)
+        if self.joining is not None:  # the previous extend's first tokens, taken while this one computes
+            self._take_joining()
+        self.joining = joining
 
     def _take_joining(self) -> None:
         prev, self.joining = self.joining, None
@@ -382,10 +396,13 @@ class Scheduler:
             order = [where[id(r)] for r in reqs]
             same = order == list(range(len(prev.reqs)))
             input_ids = prev.tokens if same else prev.tokens[to_device(order, torch.int64, prev.tokens.device)]
+        for req in reqs:  # a failed forward frees the step's slots by this (Scheduler._fail)
+            req.extend_len = 1
         self.kv.extend_decode(reqs)  # a pending token sits at position kv_len, as a sampled one does
         logits = self.runner.decode(self._decode_columns(reqs), self.kv.req_pool.table, input_ids)
         for req in reqs:
             req.kv_len += 1
+            req.extend_len = 0
         if prev is not None:
             self._advance(prev.reqs, prev.token_list(), new_to_running=False)
         # finished ones computed a row for nothing; a jump-forward request first extends its forced tokens

@@ -279,19 +279,26 @@ def test_cascade_extend_kernel_matches_reference(prefix_lens, new_lens, shared, 
 
 @needs_triton
 @pytest.mark.usefixtures("interpret")
-def test_triton_extend_cascade_only_where_tiles_would_be_half_empty():
-    """Extends that fill their tiles gain nothing from cascade (same score work, plus partials):
-    the backend plans them without it, and the output is the extend semantics either way."""
+@pytest.mark.parametrize("new_lens,shared,max_tokens,cascade", [
+    ([BLOCK, BLOCK, BLOCK - 2], [24] * 3, 4096, False),  # full tiles: nothing to gain
+    ([BLOCK, 3, 2], [24] * 3, 4096, True),  # tiles half empty
+    ([2 * BLOCK, 3, 2], [0, 24, 24], 4096, False),  # the sharers hold too few of the tokens
+    ([BLOCK, 3, 2], [24] * 3, 20, False),  # more tokens than the partials may take
+])  # fmt: skip
+def test_triton_extend_cascade_only_where_it_pays(monkeypatch, new_lens, shared, max_tokens, cascade):
+    """Extends that fill their tiles gain nothing from cascade (same score work, plus partials),
+    nor do batches mostly of non-sharers, and the partials are bounded: the backend plans those
+    without it, and the output is the extend semantics either way."""
+    monkeypatch.setattr(layer_attention, "EXTEND_CASCADE_MAX_TOKENS", max_tokens)
     attn = create_attention_backend("triton", extend_block=BLOCK, decode_block=BLOCK)
-    for new_lens, cascade in (([BLOCK, BLOCK, BLOCK - 2], False), ([BLOCK, 3, 2], True)):
-        case = make_case(ForwardMode.EXTEND, [24] * 3, new_lens, 1, 2, 16, torch.float32, seed=sum(new_lens))
-        case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, [24] * 3, 3), [24] * 3
-        out = attn.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
-        assert (case.batch.attn_memo[("triton-tiles", True)][0].tok_req is not None) == cascade
-        b = case.batch
-        ref = ka.extend_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, [24] * 3,
-                                            new_lens, 0.3, None)  # fmt: skip
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    case = make_case(ForwardMode.EXTEND, [24] * 3, new_lens, 1, 2, 16, torch.float32, seed=sum(new_lens))
+    case.batch.shared_lens, case.batch.shared_lens_cpu = share_prefix(case, shared, 3), list(shared)
+    out = attn.forward(0, case.q, case.k_new, case.v_new, case.batch, case.kv, 0.3, None)
+    assert (case.batch.attn_memo[("triton-tiles", True)][0].tok_req is not None) == cascade
+    b = case.batch
+    ref = ka.extend_attention_reference(case.q, case.kv.k[0], case.kv.v[0], b.req_to_token, b.req_rows, [24] * 3,
+                                        new_lens, 0.3, None)  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
 @needs_triton

@@ -282,28 +282,36 @@ INDEX_PTRS = {"table_ptr": "*i64", "rows_ptr": "*i64", "tile_req_ptr": "*i32", "
               "meta_ptr": "*i32", "seq_lens_ptr": "*i64", "shared_ptr": "*i64", "tok_req_ptr": "*i32",
               "slots_ptr": "*i64", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "part_ptr": "*fp32",
               "lse_ptr": "*fp32"}  # fmt: skip
-COMPILED = [  # (kernel, constexprs): bfloat16 (tensor-core dots) and float32 (IEEE dots) attention
-    (attention._extend_kernel, dict(SLIDING=True, CASCADE=False, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)),
-    (attention._extend_kernel, dict(SLIDING=False, CASCADE=True, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)),
-    (attention._decode_kernel, dict(SLIDING=True, CASCADE=False, FP32_DOT=False, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128)),
-    (attention._decode_kernel, dict(SLIDING=False, CASCADE=True, FP32_DOT=False, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128)),
-    (attention._decode_kernel, dict(SLIDING=False, CASCADE=False, FP32_DOT=True, BLOCK_H=16, BLOCK_N=64, BLOCK_D=64)),
-    (attention._prefix_kernel, dict(EXTEND=False, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_B=64)),
-    (attention._prefix_kernel, dict(EXTEND=True, FP32_DOT=False, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_B=64)),
-    (attention._prefix_kernel, dict(EXTEND=False, FP32_DOT=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=64, BLOCK_B=256)),
-    (attention._reduce_kernel, dict(BLOCK_S=8, BLOCK_D=128)),
-    (norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, ROUND_BEFORE_WEIGHT=True, BLOCK_D=2048)),
-    (rotary._rotary_kernel, dict(BLOCK_H=32, BLOCK_HALF=64)),
-    (activation._silu_and_mul_kernel, dict(BLOCK=1024)),
-    (kv_store._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
-]
+CASCADE_PARTIAL = {"out_ptr": "*fp32"}  # the cascade extend writes its float32 split, not the output
+EXTEND_SHARED = {"shared_ptr": "*i32"}  # an extend's shared lengths: the plan's int32 row
+COMPILED = [  # (kernel, constexprs, pointer types as launched): bf16 (tensor-core dots), float32 (IEEE dots)
+    (attention._extend_kernel, dict(SLIDING=True, CASCADE=False, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64,
+                                    BLOCK_D=128), {}),
+    (attention._extend_kernel, dict(SLIDING=False, CASCADE=True, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64,
+                                    BLOCK_D=128), CASCADE_PARTIAL),
+    (attention._decode_kernel, dict(SLIDING=True, CASCADE=False, FP32_DOT=False, BLOCK_H=16, BLOCK_N=64,
+                                    BLOCK_D=128), {}),
+    (attention._decode_kernel, dict(SLIDING=False, CASCADE=True, FP32_DOT=False, BLOCK_H=16, BLOCK_N=64,
+                                    BLOCK_D=128), {}),
+    (attention._decode_kernel, dict(SLIDING=False, CASCADE=False, FP32_DOT=True, BLOCK_H=16, BLOCK_N=64,
+                                    BLOCK_D=64), {}),
+    (attention._prefix_kernel, dict(EXTEND=False, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_B=64), {}),
+    (attention._prefix_kernel, dict(EXTEND=True, FP32_DOT=False, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_B=64),
+     EXTEND_SHARED),
+    (attention._prefix_kernel, dict(EXTEND=False, FP32_DOT=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=64, BLOCK_B=256), {}),
+    (attention._reduce_kernel, dict(BLOCK_S=8, BLOCK_D=128), {}),
+    (norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, ROUND_BEFORE_WEIGHT=True, BLOCK_D=2048), {}),
+    (rotary._rotary_kernel, dict(BLOCK_H=32, BLOCK_HALF=64), {}),
+    (activation._silu_and_mul_kernel, dict(BLOCK=1024), {}),
+    (kv_store._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128), {}),
+]  # fmt: skip
 
 
 @needs_triton
-@pytest.mark.parametrize("fn,constexprs", COMPILED, ids=lambda x: getattr(x, "__name__", ""))
-def test_kernel_compiles_for_sm90(fn, constexprs, monkeypatch):
+@pytest.mark.parametrize("fn,constexprs,pointers", COMPILED, ids=lambda x: getattr(x, "__name__", ""))
+def test_kernel_compiles_for_sm90(fn, constexprs, pointers, monkeypatch):
     """The interpreter runs the kernels' Python; this checks they are also valid Triton for a GPU
     (types, tl.dot shapes, shared memory), which CPU-only CI could not otherwise see."""
     pytest.importorskip("triton.backends.nvidia")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _sm90_compile(fn, _pointers(fn, "bf16", INDEX_PTRS), constexprs)
+    _sm90_compile(fn, _pointers(fn, "bf16", {**INDEX_PTRS, **pointers}), constexprs)

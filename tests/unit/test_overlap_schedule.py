@@ -180,18 +180,11 @@ async def _gather(eng, prompts, params):
 def test_shutdown_while_first_tokens_are_in_flight(folder, make_engine):
     """Driven step by step on a stopped scheduler: a shutdown that finds first tokens in flight
     fails those requests too, and their KV goes back to the pool."""
-    from braid.runtime.messages import AddRequest, Shutdown
-    from braid.runtime.sampling_params import SamplingParams
+    from braid.runtime.messages import Shutdown
 
-    eng = make_engine(folder, chunked_prefill_size=48)
-    eng._closed = True  # stop the scheduler thread but keep the weights and KV pool
-    eng.scheduler.inbox.put(Shutdown())
-    eng._thread.join(timeout=30)
-    sched = eng.scheduler
-    sched._stop, sched.overlap = False, True
-    params = SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 8}).to_dict()
+    sched = stopped_scheduler(make_engine(folder, chunked_prefill_size=48))
     for i, p in enumerate(random_prompts(3, 30, 40, 500, seed=13)):
-        sched._add(AddRequest(rid=f"r{i}", input_ids=p, sampling=params))
+        add(sched, f"r{i}", p, {"temperature": 0, "max_new_tokens": 8})
     reqs = list(sched.waiting)
     while sched.joining is None:
         sched.step()
@@ -201,3 +194,108 @@ def test_shutdown_while_first_tokens_are_in_flight(folder, make_engine):
     sched._receive(block=False)
     assert all(r.finished for r in reqs) and not sched.has_work
     sched.kv.check_at_rest()
+
+
+def stopped_scheduler(eng):
+    """The engine's scheduler with its thread stopped (weights and KV pool kept), overlap on: a
+    test drives it step by step."""
+    from braid.runtime.messages import Shutdown
+
+    eng._closed = True
+    eng.scheduler.inbox.put(Shutdown())
+    eng._thread.join(timeout=30)
+    sched = eng.scheduler
+    sched._stop, sched.overlap = False, True
+    return sched
+
+
+def add(sched, rid: str, prompt: list[int], params: dict) -> None:
+    from braid.runtime.messages import AddRequest
+    from braid.runtime.sampling_params import SamplingParams
+
+    sched._add(AddRequest(rid=rid, input_ids=prompt, sampling=SamplingParams.from_dict(params).to_dict()))
+
+
+@pytest.mark.parametrize("fail_at", [2, 4])  # the forward calls: the long prompt's second chunk; the first decode
+def test_a_failed_pass_spares_the_requests_of_passes_that_succeeded(folder, make_engine, fail_at):
+    """Driven step by step: the first extend prefills a short prompt whole and a long one's
+    first chunk, and the short one's first token is in flight when the next pass runs. When
+    that pass (the long one's second chunk) fails, the short request still completes: only the
+    long one ends with the error. When the first decode (both requests, overlapped) fails, both
+    end with it. Either way the pool is at rest after: the failed decode's slots are freed."""
+    sched = stopped_scheduler(make_engine(folder, chunked_prefill_size=48))
+    runner, calls = sched.runner, []
+    forward = runner.forward
+
+    def failing(fb):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected failure")
+        return forward(fb)
+
+    runner.forward = failing
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 5}
+    add(sched, "short", random_prompts(1, 30, 30, 500, seed=14)[0], greedy)
+    add(sched, "long", random_prompts(1, 90, 90, 500, seed=15)[0], greedy)
+    short, long = list(sched.waiting)
+    sched.step()
+    assert sched._joining_reqs == [short] and sched.chunked is long
+    while sched.has_work:
+        sched.step()
+    runner.forward = forward
+    assert short.finished and long.finished
+    failed = {r.rid for r in (short, long) if r.finish_matched and "injected failure" in str(r.finish_matched)}
+    assert failed == ({"long"} if fail_at == 2 else {"short", "long"}), failed
+    assert fail_at != 2 or len(short.output_ids) == 5
+    sched.kv.check_at_rest()
+
+
+async def _gather(eng, prompts, params):
+    return await asyncio.gather(*[eng.async_generate(input_ids=p, sampling_params=params) for p in prompts],
+                                return_exceptions=True)
+
+
+def test_shutdown_while_first_tokens_are_in_flight(folder, make_engine):
+    """Driven step by step on a stopped scheduler: a shutdown that finds first tokens in flight
+    fails those requests too, and their KV goes back to the pool."""
+    from braid.runtime.messages import Shutdown
+
+    sched = stopped_scheduler(make_engine(folder, chunked_prefill_size=48))
+    for i, p in enumerate(random_prompts(3, 30, 40, 500, seed=13)):
+        add(sched, f"r{i}", p, {"temperature": 0, "max_new_tokens": 8})
+    reqs = list(sched.waiting)
+    while sched.joining is None:
+        sched.step()
+    joiners = sched._joining_reqs
+    assert joiners and not any(r.finished for r in joiners)
+    sched.inbox.put(Shutdown())
+    sched._receive(block=False)
+    assert all(r.finished for r in reqs) and not sched.has_work
+    sched.kv.check_at_rest()
+
+
+def test_a_failed_extend_spares_the_previous_extends_requests(folder, make_engine):
+    """The next extend fails while the previous one's first tokens are in flight: those requests
+    finished their prefill in a pass that succeeded, so they still complete; only the failed
+    pass's request ends with an error, and the pool is at rest after."""
+    eng = make_engine(folder, chunked_prefill_size=48)
+    eng.scheduler.overlap = True
+    runner, calls = eng.scheduler.runner, []
+    forward = runner.forward
+
+    def second_extend_fails(fb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return forward(fb)
+
+    runner.forward = second_extend_fails
+    try:
+        short, long = random_prompts(1, 30, 30, 500, seed=14)[0], random_prompts(1, 90, 90, 500, seed=15)[0]
+        greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 5}
+        outs = asyncio.run(_gather(eng, [short, long], greedy))  # one extend: short whole, long's first 18
+    finally:
+        runner.forward = forward
+    assert not isinstance(outs[0], Exception) and len(outs[0]["output_ids"]) == 5, outs[0]
+    assert isinstance(outs[1], Exception) and "injected failure" in str(outs[1]), outs[1]
+    assert_at_rest(eng)

@@ -131,15 +131,19 @@ class TorchAttention(AttentionBackend):
             out[start : start + n] = o.transpose(0, 1)
 
 
+# the Triton extend cascade's float32 partials: tokens x query heads x (splits + 1) x head_dim
+EXTEND_CASCADE_MAX_TOKENS = 4096
+
+
 @ATTENTION_BACKENDS.register("triton")
 class TritonAttention(AttentionBackend):
     """The Triton kernels of ``kernels/attention.py``: new K/V stored by the kv-store kernel, then
     the extend kernel (tiles of new tokens over their cached prefix) or, in DECODE, the split-K
     decode kernel; either runs with the cascade's prefix pass when the batch shares a prefix
-    (``batch.shared_lens``; extends only where their tiles would be half empty). Tiles and split counts are computed once per forward (``batch.attn_memo``)
-    from the host-side lengths (under a CUDA graph, from ``batch.decode_max_keys``), so no layer
-    syncs the device. Runs on CUDA, and on the CPU under
-    ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
+    (``batch.shared_lens``; extends only where it pays, :meth:`_extend_plan`). Tiles and split
+    counts are computed once per forward (``batch.attn_memo``) from the host-side lengths (under a
+    CUDA graph, from ``batch.decode_max_keys``), so no layer syncs the device. Runs on CUDA, and on
+    the CPU under ``TRITON_INTERPRET=1`` (tests); with it the model also runs its fused kernels.
     ``extend_block`` / ``decode_block`` are the kernels' key-block sizes (small ones for tests)."""
 
     def __init__(
@@ -179,13 +183,15 @@ class TritonAttention(AttentionBackend):
     def _extend_plan(self, batch, group, num_kv_heads, cascade, device) -> tuple[attention_kernels.ExtendPlan, int]:
         """(tiles, prefix-pass splits: 0 without cascade) for an EXTEND batch. Cascade is used only
         where the sharers' tiles would be at least half empty (short extends: select's choices, fork
-        branches): it reads the prefix once, but does the same score work as full tiles and adds a
-        float32 partial per token and a reduce, so long extends gain nothing from it."""
+        branches), the sharers hold at least half of the batch's tokens, and the batch has at most
+        EXTEND_CASCADE_MAX_TOKENS: it reads the prefix once, but does the same score work as full
+        tiles and gives every token of the batch a float32 partial per split and a reduce."""
         shared = batch.shared_lens_cpu if cascade else None
         if shared is not None:
             block = self.extend_block
             own = [n for n, s in zip(batch.extend_lens_cpu, shared) if s]
-            if sum(-(-n // block) * block for n in own) < 2 * sum(own):
+            half_empty = sum(-(-n // block) * block for n in own) >= 2 * sum(own)
+            if not half_empty or 2 * sum(own) < batch.num_tokens or batch.num_tokens > EXTEND_CASCADE_MAX_TOKENS:
                 shared = None
         plan = attention_kernels.plan_extend(batch.prefix_lens_cpu, batch.extend_lens_cpu, device,
                                              self.extend_block, shared)  # fmt: skip
