@@ -150,10 +150,9 @@ class Scheduler:
     def _rescue_joining(self, joiners: list[Req], error: str) -> None:
         """After a failed extend: the previous extend's first tokens came from a pass that
         succeeded, so its requests still join ``running``; failed only if that fails too."""
-        stranded, self.joining = self.joining, None
-        if stranded is not None:
+        if self.joining is not None:
             try:
-                self._advance(stranded.reqs, stranded.token_list(), new_to_running=True)
+                self._take_joining()
             except Exception:
                 log.error("taking first tokens failed: %s", traceback.format_exc())
         for req in joiners:
